@@ -1,0 +1,1 @@
+"""resnet_fast benchmarks: `python -m benchmarks --help`."""

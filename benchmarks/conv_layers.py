@@ -1,0 +1,121 @@
+"""Per-layer: every distinct conv (+BN, +ReLU, +residual) of a ResNet, run
+the ways that matter:
+
+  eager        conv, BatchNorm, (add), ReLU as torchvision runs them
+  folded       aten conv with BN folded into weight and bias, then one (add +) ReLU
+  ours         resnet_fast.ops.conv_bias_act: the native fused kernel
+  ours+packed  the same with the weight prepacked for oneDNN (CPU only)
+  conv+epilogue aten conv, then resnet_fast.ops.bias_act (our separate epilogue)
+
+The last three are the candidate implementations of conv_bias_act; the CPU
+kernel uses whichever this measures fastest.
+"""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from resnet_fast import ops
+
+from .timing import compare
+
+
+def conv_shapes(arch: str, batch: int, size: int) -> List[Dict]:
+    """Distinct (conv, residual, relu) layers of torchvision's `arch` with
+    their input shapes, found by running it once."""
+    model = getattr(torchvision.models, arch)().eval()
+    seen, layers = set(), []
+
+    def hook(name):
+        def record(module, args, _out):
+            residual = name.endswith(".conv3") or (name.endswith(".conv2") and "Basic" in type_of[name])
+            relu = not name.endswith("downsample.0")
+            key = (tuple(args[0].shape), module.out_channels, module.kernel_size[0], module.stride[0],
+                   module.padding[0], module.dilation[0], module.groups, residual, relu)
+            if key not in seen:
+                seen.add(key)
+                layers.append(dict(zip(
+                    ("input", "out_channels", "kernel", "stride", "padding", "dilation", "groups", "residual", "relu"),
+                    key)) | {"name": name})
+        return record
+
+    type_of = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d):
+            block = name.rsplit(".", 1)[0]
+            type_of[name] = type(model.get_submodule(block)).__name__ if "." in name else "stem"
+            module.register_forward_hook(hook(name))
+    with torch.no_grad():
+        model(torch.randn(batch, 3, size, size))
+    return layers
+
+
+def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
+    n, c, h, w = layer["input"]
+    k, r, s, p, d, g = (layer[key] for key in ("out_channels", "kernel", "stride", "padding", "dilation", "groups"))
+    conv = torch.nn.Conv2d(c, k, r, s, p, d, g, bias=False)
+    bn = torch.nn.BatchNorm2d(k).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
+    conv, bn = (m.to(device=device, dtype=dtype, memory_format=torch.channels_last) for m in (conv, bn))
+    x = torch.randn(n, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out_shape = conv(x).shape
+    residual = (torch.randn(out_shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                if layer["residual"] else None)
+    relu = layer["relu"]
+    weight, bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    weight = weight.detach().contiguous(memory_format=torch.channels_last)
+    bias = bias.detach()
+    args = dict(stride=s, padding=p, dilation=d, groups=g)
+
+    def eager(x):
+        y = bn(conv(x))
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if relu else y
+
+    def folded(x):
+        y = F.conv2d(x, weight, bias, **args)
+        if residual is not None:
+            return torch.relu_(y.add_(residual)) if relu else y.add_(residual)
+        return torch.relu_(y) if relu else y
+
+    contenders = {
+        "eager": eager,
+        "folded": folded,
+        "ours": lambda x: ops.conv_bias_act(x, weight, bias, residual, relu=relu, backend="native", **args),
+        "conv+epilogue": lambda x: ops.bias_act(F.conv2d(x, weight, None, **args), bias, residual, relu, "native"),
+    }
+    packed = ops.prepack_conv_weight(weight, s, p, d, g, x.shape) if device.type == "cpu" else None
+    if packed is not None:
+        contenders["ours+packed"] = lambda x: ops.conv_bias_act(x, packed, bias, residual, relu=relu, **args)
+    flops = 2 * out_shape.numel() * c // g * r * r
+    return contenders, x, flops
+
+
+def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.device, repeats: int) -> List[Dict]:
+    torch.manual_seed(0)
+    rows = []
+    for layer in conv_shapes(arch, batch, size):
+        contenders, x, flops = _layer_contenders(layer, device, dtype)
+        timings = compare(contenders, [x], repeats=repeats, device=device)
+        base = timings["eager"]["median_s"]
+        for name, t in timings.items():
+            rows.append({
+                "benchmark": "conv_layer",
+                "model": arch,
+                "layer": layer["name"],
+                "shape": f"{layer['input'][1]}x{layer['input'][2]}x{layer['input'][3]} -> {layer['out_channels']}, "
+                         f"{layer['kernel']}x{layer['kernel']}/{layer['stride']}"
+                         + (f" g{layer['groups']}" if layer["groups"] > 1 else "")
+                         + (" +res" if layer["residual"] else "") + ("" if layer["relu"] else " no-relu"),
+                "batch": batch,
+                "dtype": str(dtype).replace("torch.", ""),
+                "contender": name,
+                "median_ms": t["median_s"] * 1e3,
+                "tflops": flops / t["median_s"] / 1e12,
+                "speedup_vs_eager": base / t["median_s"],
+            })
+    return rows

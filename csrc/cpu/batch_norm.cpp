@@ -1,0 +1,131 @@
+// Training-mode BatchNorm on the CPU, fused with the residual add and ReLU,
+// and its fused backward. NHWC: each row of [M = N*H*W, C] is one pixel.
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+
+#include "../resnet_fast.h"
+#include "cpu_ops.h"
+
+namespace resnet_fast::cpu {
+
+namespace {
+
+std::vector<float> as_floats(const at::Tensor& t) {
+  const at::Tensor f = t.to(at::kFloat).contiguous();
+  return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + f.numel());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train(
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
+    const std::optional<at::Tensor>& residual, double eps, bool relu) {
+  check_bn_train_args(x_in, weight, bias, residual);
+  const at::Tensor x = as_nhwc(x_in);
+  const at::Tensor res = residual.has_value() ? as_nhwc(*residual) : at::Tensor();
+  const int64_t C = x.size(1), M = rows_of(x);
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  const std::vector<float> gamma = as_floats(weight), beta = as_floats(bias);
+  std::vector<double> mean, var(C);
+  std::vector<float> scale(C), shift(C);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_train_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    // Two passes (mean, then squared deviations) keep the variance exact
+    // where E[x^2] - E[x]^2 would cancel.
+    mean = reduce_channels<1>(M, C, [&](int64_t m, double* acc) {
+      for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<float>(xp[m * C + c]);
+    });
+    for (auto& v : mean) v /= static_cast<double>(M);
+    std::vector<float> mean_f(mean.begin(), mean.end());
+    const std::vector<double> sq = reduce_channels<1>(M, C, [&](int64_t m, double* acc) {
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = static_cast<float>(xp[m * C + c]) - mean_f[c];
+        acc[c] += d * d;
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      var[c] = sq[c] / static_cast<double>(M);
+      const double invstd = 1.0 / std::sqrt(var[c] + eps);
+      scale[c] = static_cast<float>(gamma[c] * invstd);
+      shift[c] = static_cast<float>(beta[c] - mean[c] * gamma[c] * invstd);
+    }
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* rp = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        for (int64_t c = 0; c < C; ++c) {
+          float v = static_cast<float>(xp[m * C + c]) * scale[c] + shift[c];
+          if (rp) v += static_cast<float>(rp[m * C + c]);
+          op[m * C + c] = static_cast<scalar_t>(act(v, relu));
+        }
+      }
+    });
+  });
+
+  std::vector<double> invstd(C);
+  for (int64_t c = 0; c < C; ++c) invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+  return {out, channel_tensor(mean.data(), C, x.options()), channel_tensor(invstd.data(), C, x.options()),
+          channel_tensor(var.data(), C, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& out_in, const at::Tensor& weight,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool relu) {
+  check_bn_backward_args(grad_out_in, x_in, out_in, weight, save_mean, save_invstd);
+  const at::Tensor g = as_nhwc(grad_out_in), x = as_nhwc(x_in), out = as_nhwc(out_in);
+  const int64_t C = x.size(1), M = rows_of(x);
+  const std::vector<float> gamma = as_floats(weight), mean = as_floats(save_mean),
+                           invstd = as_floats(save_invstd);
+  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  at::Tensor grad_z = relu ? at::empty_like(g, at::MemoryFormat::ChannelsLast) : at::empty({0}, g.options());
+  std::vector<double> sums;  // [0, C): sum dz; [C, 2C): sum dz * (x - mean)
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* zp = relu ? grad_z.data_ptr<scalar_t>() : nullptr;
+    // Pass 1: dReLU mask (written once: it is also the residual's gradient)
+    // and the two per-channel sums.
+    sums = reduce_channels<2>(M, C, [&](int64_t m, double* acc) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = m * C + c;
+        float dz = static_cast<float>(gp[i]);
+        if (relu) {
+          dz = static_cast<float>(op[i]) > 0.f ? dz : 0.f;
+          zp[i] = static_cast<scalar_t>(dz);
+        }
+        acc[c] += dz;
+        acc[C + c] += dz * (static_cast<float>(xp[i]) - mean[c]);
+      }
+    });
+    // Pass 2: grad_x = gamma * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)).
+    std::vector<float> k_dz(C), k_xmu(C), k_out(C);
+    for (int64_t c = 0; c < C; ++c) {
+      k_dz[c] = static_cast<float>(sums[c] / M);
+      k_xmu[c] = static_cast<float>(sums[C + c] / M * invstd[c] * invstd[c]);
+      k_out[c] = gamma[c] * invstd[c];
+    }
+    const scalar_t* dzp = relu ? zp : gp;
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = m * C + c;
+          const float xmu = static_cast<float>(xp[i]) - mean[c];
+          gxp[i] = static_cast<scalar_t>((static_cast<float>(dzp[i]) - k_dz[c] - xmu * k_xmu[c]) * k_out[c]);
+        }
+      }
+    });
+  });
+
+  std::vector<double> grad_weight(C);
+  for (int64_t c = 0; c < C; ++c) grad_weight[c] = sums[C + c] * invstd[c];
+  const at::TensorOptions wopts = weight.options();
+  return {grad_x, channel_tensor(grad_weight.data(), C, x.options()).to(wopts.dtype()),
+          channel_tensor(sums.data(), C, x.options()).to(wopts.dtype()), grad_z};
+}
+
+}  // namespace resnet_fast::cpu

@@ -1,0 +1,63 @@
+// conv_bias_act on the CPU. The convolution runs in oneDNN with the epilogue
+// fused into it as post-ops (bias, residual add, ReLU), which measured faster
+// than aten's convolution followed by our separate epilogue pass (see
+// benchmarks/cpu_conv_paths.py). Other dtypes take the second
+// route: aten convolution, then the in-place epilogue.
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include "../resnet_fast.h"
+#include "cpu_ops.h"
+
+namespace resnet_fast::cpu {
+
+namespace {
+
+bool onednn_fuses(const at::Tensor& x) {
+  // Only fp32: for bfloat16 oneDNN's fused add+ReLU falls back to an aten
+  // kernel that does not support it for some shapes (grouped convolutions).
+  return at::hasMKLDNN() && x.scalar_type() == at::kFloat;
+}
+
+// mkldnn::_convolution_pointwise[.binary] through the dispatcher (boxed, so
+// this file does not depend on the exact C++ signature of aten's private ops).
+at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  const c10::List<std::optional<at::Scalar>> no_scalars;
+  torch::jit::Stack stack;
+  if (residual.has_value()) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
+    // The binary form takes "no unary op" as None, not "none".
+    const c10::IValue unary_attr = relu ? c10::IValue(std::string("relu")) : c10::IValue();
+    stack = {x, as_nhwc(*residual), weight, bias, padding.vec(), stride.vec(), dilation.vec(), groups,
+             std::string("add"), at::Scalar(1.0), unary_attr, no_scalars, c10::IValue()};
+    op.callBoxed(&stack);
+  } else {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
+    stack = {x, weight, bias, padding.vec(), stride.vec(), dilation.vec(), groups, std::string(relu ? "relu" : "none"),
+             no_scalars, std::string("")};
+    op.callBoxed(&stack);
+  }
+  return stack[0].toTensor();
+}
+
+}  // namespace
+
+at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
+                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  check_conv_args(x_in, weight, bias, residual, stride, padding, dilation, groups);
+  if (weight.is_mkldnn())
+    TORCH_CHECK(onednn_fuses(x_in), "resnet_fast: a prepacked (mkldnn) weight needs float32 input, got ",
+                x_in.scalar_type());
+  if (onednn_fuses(x_in)) {
+    const at::Tensor w = weight.is_mkldnn() ? weight : weight.contiguous(at::MemoryFormat::ChannelsLast);
+    return onednn_conv(as_nhwc(x_in), w, bias.to(x_in.scalar_type()), residual, stride, padding, dilation, groups,
+                       relu);
+  }
+  at::Tensor y = conv_nhwc(x_in, weight, stride, padding, dilation, groups);
+  bias_act_inplace(y, bias, residual, relu);
+  return y;
+}
+
+}  // namespace resnet_fast::cpu

@@ -1,0 +1,17 @@
+#include <torch/library.h>
+
+#include "cpu_ops.h"
+
+TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
+  m.impl("conv_bias_act", &resnet_fast::cpu::conv_bias_act);
+  m.impl("bias_act", &resnet_fast::cpu::bias_act);
+  m.impl("bias_act_backward", &resnet_fast::cpu::bias_act_backward);
+  m.impl("bn_act_train", &resnet_fast::cpu::bn_act_train);
+  m.impl("bn_act_backward", &resnet_fast::cpu::bn_act_backward);
+}
+
+// A weight prepacked into oneDNN's blocked layout (a MkldnnCPU tensor) makes
+// the call dispatch here; only conv_bias_act takes one.
+TORCH_LIBRARY_IMPL(resnet_fast, MkldnnCPU, m) {
+  m.impl("conv_bias_act", &resnet_fast::cpu::conv_bias_act);
+}

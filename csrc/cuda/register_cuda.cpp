@@ -1,0 +1,30 @@
+// CUDA kernels of the resnet_fast ops. conv_bias_act is cuDNN's convolution
+// (through aten) followed by our fused epilogue, in place on its NHWC output.
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../resnet_fast.h"
+#include "cuda_ops.h"
+
+namespace resnet_fast::gpu {
+
+at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
+  check_cuda(x, "x");
+  check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups);
+  const at::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = conv_nhwc(x, weight, stride, padding, dilation, groups);  // fresh, channels_last
+  bias_act_inplace(y, bias, residual, relu);
+  return y;
+}
+
+}  // namespace resnet_fast::gpu
+
+TORCH_LIBRARY_IMPL(resnet_fast, CUDA, m) {
+  m.impl("conv_bias_act", &resnet_fast::gpu::conv_bias_act);
+  m.impl("bias_act", &resnet_fast::gpu::bias_act);
+  m.impl("bias_act_backward", &resnet_fast::gpu::bias_act_backward);
+  m.impl("bn_act_train", &resnet_fast::gpu::bn_act_train);
+  m.impl("bn_act_backward", &resnet_fast::gpu::bn_act_backward);
+}

@@ -1,0 +1,41 @@
+// Operator schemas of the resnet_fast namespace: the one contract every
+// backend implements. Kernels register per device in csrc/cpu and csrc/cuda;
+// fake (meta) kernels and autograd formulas are registered from Python
+// (resnet_fast/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing resnet_fast._C runs the static registrations below; the module
+// itself exposes nothing to Python.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "resnet_fast compiled operators", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(resnet_fast, m) {
+  // y = act(conv(x, weight) + bias + residual); NHWC (channels_last) output.
+  m.def(
+      "conv_bias_act(Tensor x, Tensor weight, Tensor bias, Tensor? residual, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  // The fused epilogue alone: act(y + bias[c] + residual), NHWC output.
+  m.def("bias_act(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  // Backward of bias_act: grad_z = grad_out masked by out > 0 (empty when
+  // relu is false, since it then equals grad_out), grad_bias = sum of grad_z
+  // over N, H, W (fp32).
+  m.def("bias_act_backward(Tensor grad_out, Tensor out, bool relu) -> (Tensor grad_z, Tensor grad_bias)");
+  // Training BatchNorm with batch statistics, then + residual, then ReLU.
+  // Returns the output, the batch mean and 1/sqrt(var + eps) (saved for
+  // backward) and the biased batch variance (for the running-stat update,
+  // which the caller applies). Statistics are fp32, shape [C].
+  m.def(
+      "bn_act_train(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps, bool relu) "
+      "-> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor batch_var)");
+  // Fused backward of bn_act_train: dReLU (mask from out), d residual
+  // (= grad_z; empty when relu is false), d gamma, d beta, d input.
+  m.def(
+      "bn_act_backward(Tensor grad_out, Tensor x, Tensor out, Tensor weight, Tensor save_mean, "
+      "Tensor save_invstd, bool relu) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_z)");
+}

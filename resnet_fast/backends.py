@@ -1,0 +1,97 @@
+"""Which implementations of the ops this install can run, and the choice among them.
+
+Backends:
+  "reference"  pure PyTorch (resnet_fast.reference); always available.
+  "native"     the compiled extension resnet_fast._C: C++ kernels for CPU
+               tensors, CUDA kernels for CUDA tensors (when built with CUDA).
+  "triton"     Triton kernels (GPU).
+"""
+import functools
+import warnings
+from typing import Dict, NamedTuple, Optional
+
+import torch
+
+BACKENDS = ("reference", "native", "triton")
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    detail: str
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_error() -> Optional[str]:
+    try:
+        import resnet_fast._C  # noqa: F401  (registers the ops)
+    except ImportError as exc:
+        return f"the compiled extension resnet_fast._C did not load ({exc}); reinstall with `pip install --no-build-isolation .`"
+    return None
+
+
+def native_loaded() -> bool:
+    return _extension_error() is None
+
+
+def _native_has_cuda() -> bool:
+    return native_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "resnet_fast::conv_bias_act", "CUDA"
+    )
+
+
+def available_backends() -> Dict[str, BackendStatus]:
+    """Each backend: whether this install can run it, and what on (or why not)."""
+    status = {"reference": BackendStatus(True, "pure PyTorch; CPU and CUDA")}
+    error = _extension_error()
+    if error is not None:
+        status["native"] = BackendStatus(False, error)
+    elif _native_has_cuda():
+        status["native"] = BackendStatus(True, "C++ kernels for CPU tensors, CUDA kernels for CUDA tensors")
+    else:
+        status["native"] = BackendStatus(
+            True, "C++ kernels for CPU tensors; built without CUDA, so not for CUDA tensors"
+        )
+    status["triton"] = BackendStatus(False, "the Triton kernels are not part of this version yet")
+    return status
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why backend cannot run on device, or None when it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
+    status = available_backends()[backend]
+    if not status.available:
+        return status.detail
+    if backend == "native" and device.type == "cuda" and not _native_has_cuda():
+        return "resnet_fast._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
+    if backend == "native" and device.type not in ("cpu", "cuda"):
+        return f"the native kernels run on CPU and CUDA tensors, not {device.type}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(device_type: str, reason: str) -> None:
+    warnings.warn(
+        f"resnet_fast: the native backend cannot run on {device_type} ({reason}); "
+        "using the reference (pure PyTorch) backend",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend to run on `device`: the one asked for, or the best available.
+
+    An explicitly requested backend that cannot run raises; backend=None falls
+    back to the reference and warns once, saying why.
+    """
+    if backend is not None:
+        reason = _unavailable_reason(backend, device)
+        if reason is not None:
+            raise RuntimeError(f"resnet_fast: backend {backend!r} is not available on {device.type}: {reason}")
+        return backend
+    reason = _unavailable_reason("native", device)
+    if reason is None:
+        return "native"
+    _warn_fallback(device.type, reason)
+    return "reference"

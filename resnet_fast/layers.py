@@ -1,0 +1,164 @@
+"""Fused conv + norm (+ residual) (+ ReLU) for the nn.Conv2d / norm module
+pairs of a ResNet.
+
+The modules stay exactly torchvision's (nn.Conv2d, nn.BatchNorm2d or
+FrozenBatchNorm2d), so module trees and state_dicts are unchanged; only the
+forward computation is fused:
+  - BatchNorm in training (batch statistics): conv, then bn_act_train.
+  - BatchNorm in eval, or frozen BatchNorm: BN folded into the conv weight and
+    bias (cached, see FoldCache), then conv_bias_act.
+  - any other norm layer: the modules as they are, unfused.
+"""
+import threading
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import ops
+from .backends import resolve_backend
+
+
+def is_frozen_bn(norm: nn.Module) -> bool:
+    """torchvision.ops.FrozenBatchNorm2d (or a look-alike): fixed statistics and
+    affine parameters held as buffers."""
+    return type(norm).__name__ == "FrozenBatchNorm2d" and all(
+        hasattr(norm, name) for name in ("weight", "bias", "running_mean", "running_var", "eps")
+    )
+
+
+def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None or bn.running_var is None
+
+
+def _tensor_key(t: Optional[Tensor]):
+    if t is None:
+        return None
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+class FoldCache:
+    """Folded (weight, bias) of one conv + eval-BN pair, reused across forwards.
+
+    The key holds the storage address, version counter, dtype and device of
+    every source tensor, so an optimizer step, an in-place edit,
+    load_state_dict or .to() all invalidate it. Folding is never cached while
+    autograd needs to flow into the sources (fine-tuning with frozen BN), or
+    while torch.compile traces (the compiled graph folds by itself).
+    """
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+        self._lock = threading.Lock()
+
+    # Copies and pickles of a model start with an empty cache.
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def folded(self, conv: nn.Conv2d, norm: nn.Module, prepack_for: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """(weight, bias) folded; with prepack_for (an input), the weight is
+        prepacked for oneDNN for inputs shaped like it, where that applies."""
+        sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        cacheable = not torch.compiler.is_compiling() and not (
+            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
+        )
+        if not cacheable:
+            return _fold(conv, norm)
+        prepack = prepack_for is not None
+        key = tuple(_tensor_key(t) for t in sources) + (norm.eps, prepack)
+        with self._lock:
+            if key != self._key:
+                with torch.no_grad():
+                    weight, bias = _fold(conv, norm)
+                    packed = None
+                    if prepack:
+                        packed = ops.prepack_conv_weight(
+                            weight, conv.stride, conv.padding, conv.dilation, conv.groups, prepack_for.shape
+                        )
+                self._key, self._value = key, (packed if packed is not None else weight, bias)
+            return self._value
+
+
+def fold_cache(owner: nn.Module, name: str) -> FoldCache:
+    """The FoldCache that `owner` keeps for its conv called `name`. Held as a
+    plain attribute: not a buffer, so never in the state_dict."""
+    caches = owner.__dict__.setdefault("_fold_caches", {})
+    cache = caches.get(name)
+    if cache is None:
+        cache = caches[name] = FoldCache()
+    return cache
+
+
+def _fold(conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:
+    weight, bias = ops.fold_bn(
+        conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps, conv.bias
+    )
+    return weight.contiguous(memory_format=torch.channels_last), bias
+
+
+def _conv_padding(conv: nn.Conv2d):
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise NotImplementedError(
+            f"resnet_fast: fused conv supports numeric zero padding only, got padding={conv.padding!r}, "
+            f"padding_mode={conv.padding_mode!r}"
+        )
+    return conv.padding
+
+
+def conv_norm_act(
+    conv: nn.Conv2d,
+    norm: nn.Module,
+    x: Tensor,
+    residual: Optional[Tensor] = None,
+    relu: bool = True,
+    backend: Optional[str] = None,
+    cache: Optional[FoldCache] = None,
+) -> Tensor:
+    """act(norm(conv(x)) + residual), through the fused ops where they apply."""
+    padding = _conv_padding(conv)
+    if isinstance(norm, nn.BatchNorm2d) and _uses_batch_stats(norm):
+        return _conv_bn_train(conv, norm, x, residual, relu, backend)
+    if isinstance(norm, nn.BatchNorm2d) or is_frozen_bn(norm):
+        resolved = resolve_backend(backend, x.device)
+        prepack = resolved == "native" and x.device.type == "cpu" and not x.requires_grad
+        weight, bias = (cache or FoldCache()).folded(conv, norm, x if prepack else None)
+        if weight.dtype != x.dtype and not weight.is_mkldnn:
+            # Autocast or a model kept in another precision: match the input.
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        return ops.conv_bias_act(
+            x, weight, bias, residual, conv.stride, padding, conv.dilation, conv.groups, relu, resolved
+        )
+    out = norm(conv(x))
+    if residual is not None:
+        out = out + residual
+    return F.relu(out) if relu else out
+
+
+def _conv_bn_train(conv, bn, x, residual, relu, backend):
+    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    update = bn.training and bn.track_running_stats
+    weight = bn.weight if bn.weight is not None else torch.ones(bn.num_features, device=x.device)
+    bias = bn.bias if bn.bias is not None else torch.zeros(bn.num_features, device=x.device)
+    out, _, _ = ops.bn_act_train(
+        y,
+        weight,
+        bias,
+        bn.running_mean if update else None,
+        bn.running_var if update else None,
+        residual,
+        momentum,
+        bn.eps,
+        relu,
+        backend,
+    )
+    return out

@@ -1,0 +1,275 @@
+"""ResNet, BasicBlock and Bottleneck with torchvision's module tree and
+state_dict keys, running on the fused ops (resnet_fast.layers)."""
+from typing import Callable, List, Optional, Sequence, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backends import BACKENDS
+from ..layers import conv_norm_act, fold_cache
+
+NormLayer = Callable[[int], nn.Module]
+
+
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(
+        in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation, groups=groups,
+        bias=False, dilation=dilation,
+    )
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+class _FusedBlock(nn.Module):
+    """What both block kinds share: the backend, the fold caches, the
+    fused (conv, norm) calls and the shortcut."""
+
+    backend: Optional[str] = None
+
+    def _fused(self, conv_name: str, norm_name: str, x: Tensor, residual: Optional[Tensor] = None,
+               relu: bool = True) -> Tensor:
+        return conv_norm_act(
+            getattr(self, conv_name), getattr(self, norm_name), x, residual, relu, self.backend,
+            fold_cache(self, conv_name),
+        )
+
+    def _shortcut(self, x: Tensor) -> Tensor:
+        ds = self.downsample
+        if ds is None:
+            return x
+        if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d):
+            return conv_norm_act(ds[0], ds[1], x, None, False, self.backend, fold_cache(self, "downsample"))
+        return ds(x)  # a custom shortcut: run it as it is
+
+
+class BasicBlock(_FusedBlock):
+    expansion: int = 1
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Optional[NormLayer] = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        if groups != 1 or base_width != 64:
+            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = self._shortcut(x)
+        out = self._fused("conv1", "bn1", x)
+        return self._fused("conv2", "bn2", out, residual=identity)
+
+
+class Bottleneck(_FusedBlock):
+    # The stride sits on the 3x3 conv (ResNet V1.5), as in torchvision.
+    expansion: int = 4
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: Optional[nn.Module] = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Optional[NormLayer] = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        width = int(planes * (base_width / 64.0)) * groups
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = conv3x3(width, width, stride, groups, dilation)
+        self.bn2 = norm_layer(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = self._shortcut(x)
+        out = self._fused("conv1", "bn1", x)
+        out = self._fused("conv2", "bn2", out)
+        return self._fused("conv3", "bn3", out, residual=identity)
+
+
+class ResNet(nn.Module):
+    """torchvision.models.ResNet on fused kernels.
+
+    Same constructor arguments, module tree and state_dict keys as
+    torchvision's, plus `backend` ("native", "reference", "triton", or None
+    for the best available on the input's device; settable later).
+    Inputs are converted to channels_last once, at the stem.
+    """
+
+    def __init__(
+        self,
+        block: Type[Union[BasicBlock, Bottleneck]],
+        layers: Sequence[int],
+        num_classes: int = 1000,
+        zero_init_residual: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
+        replace_stride_with_dilation: Optional[Sequence[bool]] = None,
+        norm_layer: Optional[NormLayer] = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if norm_layer is None:
+            norm_layer = nn.BatchNorm2d
+        self._norm_layer = norm_layer
+        if len(layers) != 4 or any(int(n) < 1 for n in layers):
+            raise ValueError(f"layers must be 4 positive block counts, got {list(layers)}")
+        if replace_stride_with_dilation is None:
+            replace_stride_with_dilation = [False, False, False]
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError(
+                "replace_stride_with_dilation should be None or a 3-element tuple, "
+                f"got {replace_stride_with_dilation}"
+            )
+        self.inplanes = 64
+        self.dilation = 1
+        self.groups = groups
+        self.base_width = width_per_group
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, 64, layers[0])
+        self.layer2 = self._make_layer(block, 128, layers[1], stride=2, dilate=replace_stride_with_dilation[0])
+        self.layer3 = self._make_layer(block, 256, layers[2], stride=2, dilate=replace_stride_with_dilation[1])
+        self.layer4 = self._make_layer(block, 512, layers[3], stride=2, dilate=replace_stride_with_dilation[2])
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
+        self._init_weights(zero_init_residual)
+        self.backend = backend
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+        if zero_init_residual:
+            # Each residual branch starts at zero, so each block starts as the identity.
+            for m in self.modules():
+                last_bn = m.bn3 if isinstance(m, Bottleneck) else m.bn2 if isinstance(m, BasicBlock) else None
+                if last_bn is not None and last_bn.weight is not None:
+                    nn.init.constant_(last_bn.weight, 0)
+
+    def _make_layer(
+        self,
+        block: Type[Union[BasicBlock, Bottleneck]],
+        planes: int,
+        blocks: int,
+        stride: int = 1,
+        dilate: bool = False,
+    ) -> nn.Sequential:
+        norm_layer = self._norm_layer
+        downsample = None
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride),
+                norm_layer(planes * block.expansion),
+            )
+        layers: List[nn.Module] = [
+            block(self.inplanes, planes, stride, downsample, self.groups, self.base_width, previous_dilation, norm_layer)
+        ]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(
+                block(self.inplanes, planes, groups=self.groups, base_width=self.base_width,
+                      dilation=self.dilation, norm_layer=norm_layer)
+            )
+        return nn.Sequential(*layers)
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: Optional[str]) -> None:
+        """Which backend every fused layer uses (None: best available)."""
+        if value is not None and value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; expected one of {BACKENDS} or None")
+        self._backend = value
+        for m in self.modules():
+            if isinstance(m, _FusedBlock):
+                m.backend = value
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise a clear error when x cannot be this model's input."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected a Tensor input, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"expected a 4-D input (N, C, H, W), got {x.dim()}-D of shape {tuple(x.shape)}"
+                + (" (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else "")
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got {x.dtype} (convert images with x.float() / 255)")
+        if x.shape[0] == 0:
+            raise ValueError(f"empty batch: input has shape {tuple(x.shape)}")
+        if x.shape[1] != self.conv1.in_channels:
+            raise ValueError(
+                f"expected input with {self.conv1.in_channels} channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+            )
+        weight = self.conv1.weight
+        if x.device != weight.device:
+            raise ValueError(f"input is on {x.device} but the model is on {weight.device}; move one with .to()")
+        autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+        if x.dtype != weight.dtype and not autocast:
+            raise TypeError(
+                f"input dtype {x.dtype} does not match the model's {weight.dtype}; "
+                "convert one of them, or run under torch.autocast"
+            )
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = conv_norm_act(self.conv1, self.bn1, x, None, True, self.backend, fold_cache(self, "conv1"))
+        return self.maxpool(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The last feature map (C5), before pooling."""
+        x = self.forward_stem(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        return self.layer4(x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        return self.forward_head(self.forward_features(x))

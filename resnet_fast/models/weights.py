@@ -1,0 +1,103 @@
+"""Reading weights files safely (no download, no arbitrary unpickling) and
+loading them with errors that say exactly what does not fit."""
+import os
+from typing import Any, Dict, Mapping, Union
+
+import torch
+from torch import Tensor, nn
+
+WeightsSource = Union[str, "os.PathLike[str]", Mapping[str, Tensor], Any]
+
+# Keys under which training scripts commonly nest the model's state_dict.
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def _cached_torchvision_file(weights: Any) -> str:
+    """The local file of a torchvision weights enum, which must already be in
+    torch.hub's cache: nothing is downloaded."""
+    filename = os.path.basename(weights.url)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"weights {weights} are not in the local cache ({path}); resnet_fast does not download. "
+            f"Place the file there, or pass weights='path/to/{filename}'"
+        )
+    return path
+
+
+def _read_file(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"{path} could not be read as a weights file with torch.load(weights_only=True): {exc}"
+        ) from exc
+
+
+def read_state_dict(weights: WeightsSource) -> Dict[str, Tensor]:
+    """A state_dict from a path (.pth/.pt/.safetensors), a mapping, or a
+    torchvision weights enum whose file is in the local cache.
+
+    Checkpoints that nest the model under "state_dict"/"model" are unwrapped,
+    and DistributedDataParallel's "module." prefix is removed.
+    """
+    if isinstance(weights, Mapping):
+        data: Any = weights
+        origin = "the given mapping"
+    else:
+        if hasattr(weights, "url") and hasattr(weights, "meta"):
+            path = _cached_torchvision_file(weights)
+        elif isinstance(weights, (str, os.PathLike)):
+            path = os.fspath(weights)
+        else:
+            raise TypeError(
+                f"weights must be a file path, a state_dict or a torchvision weights enum, got {type(weights).__name__}"
+            )
+        data = _read_file(path)
+        origin = path
+    for key in _NESTED_KEYS:
+        if isinstance(data, Mapping) and key in data and isinstance(data[key], Mapping):
+            data = data[key]
+            break
+    if not isinstance(data, Mapping) or not data or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in data.items()
+    ):
+        raise ValueError(
+            f"{origin} does not hold a state_dict (a mapping of parameter names to tensors); "
+            f"found {type(data).__name__}"
+        )
+    if all(k.startswith("module.") for k in data):
+        data = {k[len("module."):]: v for k, v in data.items()}
+    return dict(data)
+
+
+def load_weights(model: nn.Module, weights: WeightsSource) -> nn.Module:
+    """Load weights into model strictly, listing every missing, unexpected or
+    mis-shaped key when they do not fit."""
+    state = read_state_dict(weights)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
+                parts.append(f"{title} ({len(items)}): {shown}")
+        raise ValueError(f"weights do not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return model

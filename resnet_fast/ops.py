@@ -1,0 +1,320 @@
+"""The operator contract: the public fused ops and their backends.
+
+Every model layer calls these functions, never a kernel directly. Each op
+validates its arguments once here, then runs on the chosen backend:
+"reference" (resnet_fast.reference, plain autograd) or "native" (the
+resnet_fast::* operators of the compiled extension, with fake kernels and
+autograd formulas registered below so that torch.compile and autograd see
+them as ordinary ops).
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends import native_loaded, resolve_backend
+
+__all__ = ["conv_bias_act", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
+
+IntOrPair = Union[int, Sequence[int]]
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------- validation
+
+def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+        raise ValueError(f"resnet_fast: {name} must be an int or a pair of ints, got {value!r}")
+    return pair
+
+
+def _check_activation(t: Tensor, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"resnet_fast: {name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"resnet_fast: {name} must be 4-D (N, C, H, W), got {t.dim()}-D of shape {tuple(t.shape)}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"resnet_fast: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"resnet_fast: {name} is empty (shape {tuple(t.shape)})")
+
+
+def _check_like(ref: Tensor, t: Tensor, name: str, shape=None, same_dtype=True) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"resnet_fast: {name} is on {t.device} but the input is on {ref.device}")
+    if same_dtype and t.dtype != ref.dtype:
+        raise TypeError(f"resnet_fast: {name} has dtype {t.dtype} but the input has {ref.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"resnet_fast: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def _check_channel_vector(x: Tensor, t: Tensor, name: str, channels: int) -> None:
+    if not isinstance(t, Tensor) or not t.is_floating_point():
+        raise TypeError(f"resnet_fast: {name} must be a floating-point tensor")
+    _check_like(x, t, name, shape=(channels,), same_dtype=False)
+
+
+def conv_output_shape(x_shape, w_shape, stride, padding, dilation) -> Tuple[int, int, int, int]:
+    sizes = []
+    for d in range(2):
+        extent = dilation[d] * (w_shape[2 + d] - 1) + 1
+        if x_shape[2 + d] + 2 * padding[d] < extent:
+            raise ValueError(
+                f"resnet_fast: input of spatial size {tuple(x_shape[2:])} is smaller than the "
+                f"(dilated) kernel {tuple(w_shape[2:])} with padding {tuple(padding)}"
+            )
+        sizes.append((x_shape[2 + d] + 2 * padding[d] - extent) // stride[d] + 1)
+    return (x_shape[0], w_shape[0], sizes[0], sizes[1])
+
+
+def _check_conv(x, weight, bias, residual, stride, padding, dilation, groups):
+    _check_activation(x, "x")
+    if weight.dim() != 4:
+        raise ValueError(f"resnet_fast: weight must be 4-D (K, C/groups, R, S), got {weight.dim()}-D")
+    _check_like(x, weight, "weight")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"resnet_fast: stride and dilation must be >= 1 and padding >= 0, got stride={stride}, "
+            f"padding={padding}, dilation={dilation}"
+        )
+    channels, out_channels = x.shape[1], weight.shape[0]
+    if not isinstance(groups, int) or groups < 1 or channels % groups or out_channels % groups:
+        raise ValueError(
+            f"resnet_fast: groups={groups} must divide the input channels ({channels}) "
+            f"and the output channels ({out_channels})"
+        )
+    if weight.shape[1] * groups != channels:
+        raise ValueError(
+            f"resnet_fast: input has {channels} channels but weight expects {weight.shape[1] * groups} "
+            f"({weight.shape[1]} per group x {groups} groups)"
+        )
+    _check_channel_vector(x, bias, "bias", out_channels)
+    out_shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    if residual is not None:
+        _check_like(x, residual, "residual", shape=out_shape)
+    return out_shape
+
+
+# ------------------------------------------------------------------- the ops
+
+def conv_bias_act(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Optional[Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """y = act(conv2d(x, weight) + bias + residual), in one pass over y.
+
+    The eval-mode (and frozen-BN) layer: BatchNorm folded into weight and
+    bias (see fold_bn). Differentiable in x, weight, bias and residual.
+    Output is channels_last. weight may be a prepacked oneDNN weight
+    (prepack_conv_weight) on the native CPU backend, for inference.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if weight.is_mkldnn:
+        return torch.ops.resnet_fast.conv_bias_act(
+            x, weight, bias, residual, stride, padding, dilation, groups, relu
+        )
+    _check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    backend = resolve_backend(backend, x.device)
+    if backend == "reference":
+        return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    return torch.ops.resnet_fast.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+def bias_act(
+    y: Tensor, bias: Tensor, residual: Optional[Tensor] = None, relu: bool = True, backend: Optional[str] = None
+) -> Tensor:
+    """act(y + bias[c] + residual): the fused conv epilogue on its own."""
+    _check_activation(y, "y")
+    _check_channel_vector(y, bias, "bias", y.shape[1])
+    if residual is not None:
+        _check_like(y, residual, "residual", shape=y.shape)
+    if resolve_backend(backend, y.device) == "reference":
+        return reference.bias_act(y, bias, residual, relu)
+    return torch.ops.resnet_fast.bias_act(y, bias, residual, relu)
+
+
+def bn_act_train(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training BatchNorm (batch statistics) + residual + ReLU, in one op.
+
+    Returns (out, save_mean, save_invstd). When given, running_mean and
+    running_var are updated in place exactly as nn.BatchNorm2d does:
+    running = (1 - momentum) * running + momentum * batch_stat, with the
+    unbiased batch variance. `momentum` is the update factor itself (the
+    module passes 1 / num_batches_tracked for momentum=None).
+    Differentiable in x, weight, bias and residual.
+    """
+    _check_activation(x, "x")
+    channels = x.shape[1]
+    _check_channel_vector(x, weight, "weight", channels)
+    _check_channel_vector(x, bias, "bias", channels)
+    if residual is not None:
+        _check_like(x, residual, "residual", shape=x.shape)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("resnet_fast: give both running_mean and running_var, or neither")
+    if running_mean is not None:
+        _check_channel_vector(x, running_mean, "running_mean", channels)
+        _check_channel_vector(x, running_var, "running_var", channels)
+    count = x.numel() // channels
+    if count < 2:
+        raise ValueError(
+            f"resnet_fast: batch norm in training needs more than 1 value per channel, got input of shape {tuple(x.shape)}"
+        )
+    if resolve_backend(backend, x.device) == "reference":
+        out, mean, invstd, var = reference.bn_act_train(x, weight, bias, residual, eps, relu)
+    else:
+        out, mean, invstd, var = torch.ops.resnet_fast.bn_act_train(x, weight, bias, residual, eps, relu)
+    if running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * (count / (count - 1))
+            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
+            running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
+    return out, mean, invstd
+
+
+def fold_bn(
+    weight: Tensor,
+    gamma: Optional[Tensor],
+    beta: Optional[Tensor],
+    mean: Tensor,
+    var: Tensor,
+    eps: float = 1e-5,
+    conv_bias: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Fold eval-mode BatchNorm into the conv before it: (weight', bias').
+
+    Computed in fp32 and cast back to the weight's dtype; differentiable.
+    """
+    if weight.dim() != 4:
+        raise ValueError(f"resnet_fast: weight must be 4-D (K, C/groups, R, S), got {weight.dim()}-D")
+    out_channels = weight.shape[0]
+    for name, t in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var), ("conv_bias", conv_bias)):
+        if t is not None and tuple(t.shape) != (out_channels,):
+            raise ValueError(f"resnet_fast: {name} must have shape ({out_channels},), got {tuple(t.shape)}")
+    return reference.fold_bn(weight, gamma, beta, mean, var, eps, conv_bias)
+
+
+def prepack_conv_weight(
+    weight: Tensor,
+    stride: IntOrPair,
+    padding: IntOrPair,
+    dilation: IntOrPair,
+    groups: int,
+    input_size: Optional[Sequence[int]] = None,
+) -> Optional[Tensor]:
+    """weight reordered into oneDNN's blocked layout for CPU inference, or
+    None where that does not apply (not a CPU float32 weight, no oneDNN, or
+    no native extension).
+
+    input_size, the shape of a typical input, lets oneDNN choose the layout
+    its kernel for that shape wants; without it some layers run slower than
+    with the plain weight. Other input shapes still work.
+    """
+    if not (native_loaded() and torch.backends.mkldnn.is_available()):
+        return None
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight.detach(),
+        _pair(padding, "padding"),
+        _pair(stride, "stride"),
+        _pair(dilation, "dilation"),
+        groups,
+        None if input_size is None else list(input_size),
+    )
+
+
+# ------------------------------------------- fake kernels and autograd (native)
+
+def _channels_last_like(shape, like: Tensor) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def _register_native() -> None:
+    lib = "resnet_fast::"
+
+    @torch.library.register_fake(lib + "conv_bias_act")
+    def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+        return _channels_last_like(conv_output_shape(x.shape, weight.shape, stride, padding, dilation), x)
+
+    @torch.library.register_fake(lib + "bias_act")
+    def _(y, bias, residual, relu):
+        return _channels_last_like(y.shape, y)
+
+    @torch.library.register_fake(lib + "bias_act_backward")
+    def _(grad_out, out, relu):
+        grad_z = _channels_last_like(grad_out.shape, grad_out) if relu else grad_out.new_empty(0)
+        return grad_z, grad_out.new_empty(grad_out.shape[1], dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "bn_act_train")
+    def _(x, weight, bias, residual, eps, relu):
+        stat = x.new_empty(x.shape[1], dtype=torch.float32)
+        return _channels_last_like(x.shape, x), stat, stat.clone(), stat.clone()
+
+    @torch.library.register_fake(lib + "bn_act_backward")
+    def _(grad_out, x, out, weight, save_mean, save_invstd, relu):
+        grad_z = _channels_last_like(x.shape, grad_out) if relu else grad_out.new_empty(0)
+        per_channel = weight.new_empty(x.shape[1])
+        return _channels_last_like(x.shape, x), per_channel, per_channel.clone(), grad_z
+
+    def conv_setup(ctx, inputs, output):
+        x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
+        ctx.save_for_backward(x, weight, output)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.relu, ctx.bias_dtype, ctx.has_residual = relu, bias.dtype, residual is not None
+
+    def conv_backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        grad_z, grad_bias = torch.ops.resnet_fast.bias_act_backward(grad_out, out, ctx.relu)
+        dz = grad_z if ctx.relu else grad_out
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = grad_w = None
+        if need_x or need_w:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                dz, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+            )
+        grad_residual = dz if ctx.has_residual else None
+        return grad_x, grad_w, grad_bias.to(ctx.bias_dtype), grad_residual, None, None, None, None, None
+
+    torch.library.register_autograd(lib + "conv_bias_act", conv_backward, setup_context=conv_setup)
+
+    def bn_setup(ctx, inputs, output):
+        x, weight, bias, residual, eps, relu = inputs
+        out, mean, invstd, _ = output
+        ctx.save_for_backward(x, out, weight, mean, invstd)
+        ctx.relu, ctx.has_residual = relu, residual is not None
+
+    def bn_backward(ctx, grad_out, *_unused_stat_grads):
+        x, out, weight, mean, invstd = ctx.saved_tensors
+        grad_x, grad_w, grad_b, grad_z = torch.ops.resnet_fast.bn_act_backward(
+            grad_out, x, out, weight, mean, invstd, ctx.relu
+        )
+        grad_residual = (grad_z if ctx.relu else grad_out) if ctx.has_residual else None
+        return grad_x, grad_w, grad_b, grad_residual, None, None
+
+    torch.library.register_autograd(lib + "bn_act_train", bn_backward, setup_context=bn_setup)
+
+
+if native_loaded():
+    _register_native()

@@ -1,0 +1,113 @@
+"""Build resnet_fast and its compiled extension, resnet_fast._C.
+
+The extension always has the CPU kernels. The CUDA kernels are compiled too
+whenever torch is a CUDA build and nvcc is found, whether or not a GPU is
+present. Environment:
+  FORCE_CUDA=1            fail instead of skipping CUDA when nvcc is missing
+  RESNET_FAST_CPU_ONLY=1  skip the CUDA sources (a quick CPU-only build)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default without a visible GPU: 8.0;9.0)
+  MAX_JOBS                parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+
+def _locate_cuda_home():
+    """Set CUDA_HOME to a toolkit that has headers, before torch guesses.
+
+    torch derives CUDA_HOME from the nvcc on PATH, which is wrong when that
+    nvcc is a wrapper script outside the toolkit (e.g. /usr/local/bin/nvcc).
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(nvcc))] if nvcc else []
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _want_cuda():
+    if _flag("RESNET_FAST_CPU_ONLY"):
+        return False
+    has_toolkit = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if _flag("FORCE_CUDA") and not has_toolkit:
+        sys.exit(
+            "FORCE_CUDA=1 but no CUDA build can be made: torch.version.cuda="
+            f"{torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}"
+        )
+    return has_toolkit
+
+
+def _nvidia_wheel_include_dirs():
+    """Header folders of the nvidia-* wheels (cuBLAS, cuSPARSE, ...).
+
+    torch's CUDA headers include cublas_v2.h and cusparse.h, which a pip
+    install of torch ships inside site-packages/nvidia rather than the toolkit.
+    """
+    try:
+        import nvidia  # namespace package installed with CUDA builds of torch
+    except ImportError:
+        return []
+    dirs = set()
+    for base in nvidia.__path__:
+        for header in ("cublas_v2.h", "cusparse.h", "cublasLt.h", "cusolverDn.h"):
+            for found in glob.glob(os.path.join(base, "**", "include", header), recursive=True):
+                dirs.add(os.path.dirname(found))
+    return sorted(dirs)
+
+
+def _sources(*patterns):
+    return sorted(
+        os.path.relpath(path, ROOT)
+        for pattern in patterns
+        for path in glob.glob(os.path.join(ROOT, pattern))
+    )
+
+
+def _extension():
+    cxx_flags = ["-O3"]
+    sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
+    if not _want_cuda():
+        return cpp_extension.CppExtension(
+            "resnet_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    return cpp_extension.CUDAExtension(
+        "resnet_fast._C",
+        sources + _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu"),
+        include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_include_dirs(),
+        define_macros=[("RESNET_FAST_WITH_CUDA", None)],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"],
+        },
+    )
+
+
+setup(
+    packages=find_packages(include=["resnet_fast", "resnet_fast.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)

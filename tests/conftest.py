@@ -1,0 +1,58 @@
+"""Shared test helpers: the tolerance table, backends to test, and checks."""
+import pytest
+import torch
+
+import resnet_fast
+from resnet_fast.backends import available_backends
+
+# Relative error ||out - ref|| / ||ref|| allowed per dtype, stated once.
+REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+# Elementwise tolerances for torch.testing.assert_close, per dtype.
+ELEM_TOL = {
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def kernel_backends():
+    """Backends other than the reference that can run on the CPU here."""
+    return [name for name, status in available_backends().items() if status.available and name != "reference"]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_rel(out: torch.Tensor, ref: torch.Tensor, dtype=None, factor: float = 1.0):
+    tol = REL_TOL[dtype or ref.dtype] * factor
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), "output has NaN/Inf (unwritten or poisoned memory?)"
+    err = rel_err(out, ref)
+    assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
+
+
+def poison_allocator(numel: int, device="cpu"):
+    """Fill memory the allocator is about to hand out again with NaN, so an
+    output element a kernel forgets to write shows up as NaN."""
+    junk = [torch.full((numel,), float("nan"), device=device) for _ in range(4)]
+    del junk
+
+
+def channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def pytest_report_header(config):
+    lines = [f"torch {torch.__version__}, resnet_fast {resnet_fast.__version__}, CUDA available: {HAS_CUDA}"]
+    for name, status in available_backends().items():
+        lines.append(f"  backend {name}: {'yes' if status.available else 'no'} ({status.detail})")
+    return lines

@@ -1,0 +1,197 @@
+"""The models against torchvision: structure, weights, eval and train."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import resnet_fast
+
+from conftest import assert_rel, kernel_backends, rel_err
+from models_util import give_bn_random_statistics, pair
+
+ALL_BUILDERS = [
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+    "wide_resnet50_2", "wide_resnet101_2",
+]
+BACKENDS = ["reference"] + kernel_backends()
+
+
+@pytest.mark.parametrize("arch", ALL_BUILDERS)
+def test_same_state_dict_keys_and_shapes_both_ways(arch):
+    tv = getattr(torchvision.models, arch)(num_classes=17)
+    ours = getattr(resnet_fast, arch)(num_classes=17)
+    tv_sd, our_sd = tv.state_dict(), ours.state_dict()
+    assert list(tv_sd) == list(our_sd)
+    assert all(tv_sd[k].shape == our_sd[k].shape for k in tv_sd)
+    assert [n for n, _ in tv.named_modules()] == [n for n, _ in ours.named_modules()]
+    ours.load_state_dict(tv_sd, strict=True)
+    tv.load_state_dict(ours.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("arch", ALL_BUILDERS)
+def test_every_builder_matches_torchvision_in_eval(arch):
+    tv, ours = pair(arch, num_classes=10)
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert_rel(ours.eval()(x), tv.eval()(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+@pytest.mark.parametrize("batch,height,width", [(1, 64, 64), (3, 97, 131)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_eval_matches_torchvision(backend, arch, batch, height, width, memory_format):
+    tv, ours = pair(arch, backend=backend)
+    x = torch.randn(batch, 3, height, width).contiguous(memory_format=memory_format)
+    with torch.no_grad():
+        expected = tv.eval()(x)
+        assert_rel(ours.eval()(x), expected)
+        assert_rel(ours(x), expected)  # second call: served from the fold cache
+
+
+def test_dilated_variant_matches_torchvision():
+    tv, ours = pair("resnet50", replace_stride_with_dilation=[False, True, True])
+    x = torch.randn(2, 3, 65, 49)
+    with torch.no_grad():
+        assert_rel(ours.eval()(x), tv.eval()(x))
+
+
+def _train_steps(model, batches, lr=0.01):
+    """SGD with momentum on (images, labels) batches; returns the losses and
+    the gradients of the last step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for images, labels in batches:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(images.to(next(model.parameters()).dtype)), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach().double())
+    return losses, {n: p.grad.detach().double() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_train_steps_match_torchvision(backend, arch):
+    """Losses, gradients, weights and running statistics over three SGD steps.
+
+    Deep bottleneck networks in fp32 are ill-conditioned (torchvision's own
+    fp32 gradients differ from fp64 by ~1e-2 in places), so both fp32 runs
+    are measured against torchvision in float64: ours must be as accurate as
+    torchvision's fp32 within a factor of 4, or within 1e-4 relative."""
+    tv, ours = pair(arch, backend=backend, num_classes=10)
+    truth = copy.deepcopy(tv).double()
+    batches = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(3)]
+    runs = {name: _train_steps(model.train(), batches) for name, model in (("tv", tv), ("ours", ours), ("truth", truth))}
+
+    def check(ours_value, tv_value, true_value, what):
+        err_ours = (ours_value.double() - true_value).norm().item()
+        err_tv = (tv_value.double() - true_value).norm().item()
+        assert err_ours <= 4 * err_tv + 1e-4 * true_value.norm().item(), (
+            f"{what}: error vs float64 {err_ours:.3g}, torchvision fp32's {err_tv:.3g}")
+
+    for step, (lo, lt, l64) in enumerate(zip(runs["ours"][0], runs["tv"][0], runs["truth"][0])):
+        check(lo, lt, l64, f"loss at step {step}")
+    for name, g64 in runs["truth"][1].items():
+        check(runs["ours"][1][name], runs["tv"][1][name], g64, f"grad of {name}")
+    tv_state, our_state, true_state = tv.state_dict(), ours.state_dict(), truth.state_dict()
+    for name, value in true_state.items():
+        if name.endswith("num_batches_tracked"):
+            assert our_state[name] == value == 3
+        else:
+            check(our_state[name], tv_state[name], value.double(), name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_bn_training_matches_torchvision(backend):
+    """FrozenBatchNorm2d (the detection default) runs the folded, differentiable path."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    tv = torchvision.models.resnet18(num_classes=5, norm_layer=FrozenBatchNorm2d)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2), m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    ours = resnet_fast.from_torchvision(tv, backend=backend)
+    x, labels = torch.randn(2, 3, 48, 48), torch.tensor([1, 3])
+    F.cross_entropy(tv(x), labels).backward()
+    F.cross_entropy(ours(x), labels).backward()
+    for (name, p_tv), p_ours in zip(tv.named_parameters(), ours.parameters()):
+        assert_rel(p_ours.grad, p_tv.grad, factor=20), name
+
+
+# ------------------------------------------------------------ fold cache
+
+def _assert_eval_matches_torchvision(ours, x, factor=1.0):
+    tv = torchvision.models.resnet18(num_classes=ours.fc.out_features).to(next(ours.parameters()).dtype)
+    tv.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        expected = tv.eval()(x)
+        assert_rel(ours.eval()(x), expected, factor=factor)
+
+
+def test_fold_cache_follows_every_weight_change():
+    _, ours = pair("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 48, 48)
+    _assert_eval_matches_torchvision(ours, x)  # fills the cache
+
+    ours.train()
+    _train_steps(ours, [(torch.randn(4, 3, 48, 48), torch.randint(0, 10, (4,)))])  # optimizer step
+    _assert_eval_matches_torchvision(ours, x)
+
+    other = torchvision.models.resnet18(num_classes=10)
+    give_bn_random_statistics(other)
+    ours.load_state_dict(other.state_dict())
+    _assert_eval_matches_torchvision(ours, x)
+
+    with torch.no_grad():
+        ours.layer2[0].bn1.running_var.mul_(3.0)  # in-place buffer edit
+        ours.layer3[1].conv2.weight.add_(0.01)  # in-place weight edit
+    _assert_eval_matches_torchvision(ours, x)
+
+    ours.to(torch.bfloat16)
+    _assert_eval_matches_torchvision(ours, x.bfloat16(), factor=1e3)  # bf16 tolerance
+
+
+def test_fold_cache_is_not_in_state_dict_and_survives_copies():
+    _, ours = pair("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = ours.eval()(x)
+        clone = copy.deepcopy(ours)
+        assert_rel(clone(x), expected)
+    assert list(ours.state_dict()) == list(torchvision.models.resnet18().state_dict())
+
+
+# ------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize(
+    "make_input,error,message",
+    [
+        (lambda: torch.randn(1, 4, 32, 32), ValueError, "expected input with 3 channels, got 4"),
+        (lambda: torch.randn(3, 32, 32), ValueError, "4-D input"),
+        (lambda: torch.randn(1, 1, 3, 32, 32), ValueError, "4-D input"),
+        (lambda: torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8), TypeError, "floating-point"),
+        (lambda: torch.randn(0, 3, 32, 32), ValueError, "empty batch"),
+        (lambda: torch.randn(1, 3, 32, 32, device="meta"), ValueError, "input is on meta but the model is on cpu"),
+        (lambda: torch.randn(1, 3, 32, 32, dtype=torch.float16), TypeError, "does not match the model"),
+        (lambda: [[1.0]], TypeError, "expected a Tensor"),
+    ],
+    ids=["channels", "3-D", "5-D", "uint8", "empty", "device", "dtype", "not-a-tensor"],
+)
+def test_model_rejects_bad_input(make_input, error, message):
+    model = resnet_fast.resnet18().eval()
+    with pytest.raises(error, match=message):
+        model(make_input())
+
+
+def test_bad_backend_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown backend"):
+        resnet_fast.resnet18(backend="cudnn")
+    model = resnet_fast.resnet18(backend="triton")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+        model.eval()(torch.randn(1, 3, 32, 32))

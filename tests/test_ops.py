@@ -1,0 +1,350 @@
+"""Every op of the contract, on every available kernel backend, against
+resnet_fast.reference; and the reference itself against plain PyTorch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resnet_fast import ops, reference
+
+from conftest import ELEM_TOL, assert_rel, channels_last, kernel_backends, poison_allocator
+
+BACKENDS = kernel_backends()
+# Tests of the extension's operators called directly (torch.ops.resnet_fast).
+needs_native = pytest.mark.skipif("native" not in BACKENDS, reason="the native extension is not built")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (N, C, H, W, K, kernel, stride, padding, dilation, groups): the conv kinds of
+# the ResNet family, at awkward sizes.
+CONV_CASES = {
+    "stem7x7s2_C3": (2, 3, 23, 19, 16, 7, 2, 3, 1, 1),
+    "3x3s1_batch1": (1, 8, 9, 11, 12, 3, 1, 1, 1, 1),
+    "3x3s2_odd": (2, 6, 13, 7, 10, 3, 2, 1, 1, 1),
+    "1x1": (3, 16, 5, 5, 24, 1, 1, 0, 1, 1),
+    "1x1s2_downsample": (2, 12, 9, 10, 20, 1, 2, 0, 1, 1),
+    "grouped": (2, 16, 7, 9, 16, 3, 1, 1, 1, 4),
+    "grouped_s2": (1, 12, 11, 11, 24, 3, 2, 1, 1, 3),
+    "dilated": (2, 8, 12, 10, 8, 3, 1, 2, 2, 1),
+}
+
+
+def make_conv(case, dtype, layout="channels_last"):
+    n, c, h, w, k, r, stride, padding, dilation, groups = CONV_CASES[case]
+    x = torch.randn(n, c, h, w, dtype=dtype)
+    if layout == "channels_last":
+        x = channels_last(x)
+    elif layout == "sliced":  # non-contiguous view
+        x = torch.randn(n, c, h, w * 2 + 1, dtype=dtype)[..., 1::2]
+    weight = torch.randn(k, c // groups, r, r, dtype=dtype) / (c // groups * r * r) ** 0.5
+    bias = torch.randn(k, dtype=dtype)
+    args = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return x, weight, bias, args
+
+
+def conv_out_shape(x, weight, args):
+    return ops.conv_output_shape(x.shape, weight.shape, (args["stride"],) * 2, (args["padding"],) * 2, (args["dilation"],) * 2)
+
+
+def test_reference_conv_matches_plain_pytorch():
+    x, weight, bias, args = make_conv("grouped_s2", torch.float64)
+    residual = torch.randn(conv_out_shape(x, weight, args), dtype=torch.float64)
+    expected = torch.relu(F.conv2d(x, weight, bias, **args) + residual)
+    got = reference.conv_bias_act(x, weight, bias, residual, relu=True, **{k: (v, v) if k != "groups" else v for k, v in args.items()})
+    assert_rel(got, expected, dtype=torch.float32)  # the epilogue runs in fp32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False), (True, False)])
+def test_conv_bias_act(backend, dtype, case, residual, relu):
+    x, weight, bias, args = make_conv(case, dtype)
+    res = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype)) if residual else None
+    expected = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="reference", **args)
+    poison_allocator(expected.numel())
+    out = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend=backend, **args)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel(out, expected)
+    if relu:
+        assert (out >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_conv_bias_act_any_input_layout(backend, layout):
+    x, weight, bias, args = make_conv("3x3s2_odd", torch.float32, layout)
+    res = torch.randn(conv_out_shape(x, weight, args)).transpose(2, 3).contiguous().transpose(2, 3)
+    expected = reference.conv_bias_act(x.contiguous(), weight, bias, res.contiguous(), (2, 2), (1, 1), (1, 1), 1, True)
+    assert_rel(ops.conv_bias_act(x, weight, bias, res, backend=backend, **args), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepacked_weight_matches(backend):
+    x, weight, bias, args = make_conv("3x3s2_odd", torch.float32)
+    packed = ops.prepack_conv_weight(weight, args["stride"], args["padding"], args["dilation"], args["groups"])
+    if packed is None:
+        pytest.skip("oneDNN prepacking is not available in this torch build")
+    res = channels_last(torch.randn(conv_out_shape(x, weight, args)))
+    expected = reference.conv_bias_act(x, weight, bias, res, (2, 2), (1, 1), (1, 1), 1, True)
+    with torch.no_grad():
+        assert_rel(ops.conv_bias_act(x, packed, bias, res, **args), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 5, 7), (1, 3, 1, 1), (3, 33, 4, 3)])
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
+def test_bias_act(backend, dtype, shape, residual, relu):
+    y = torch.randn(shape, dtype=dtype)
+    bias = torch.randn(shape[1])
+    res = torch.randn(shape, dtype=dtype) if residual else None
+    expected = reference.bias_act(y, bias, res, relu)
+    poison_allocator(y.numel())
+    out = ops.bias_act(y, bias, res, relu, backend=backend)
+    torch.testing.assert_close(out, expected, **ELEM_TOL[dtype])
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("relu", [True, False])
+def test_bias_act_backward( dtype, relu):
+    out = torch.randn(3, 10, 6, 5, dtype=dtype)
+    grad = torch.randn(3, 10, 6, 5, dtype=dtype)
+    ref_z, ref_b = reference.bias_act_backward(grad, out, relu)
+    got_z, got_b = torch.ops.resnet_fast.bias_act_backward(grad, out, relu)
+    assert got_z.numel() == (grad.numel() if relu else 0)
+    if relu:
+        torch.testing.assert_close(got_z, ref_z, **ELEM_TOL[dtype])
+    assert got_b.dtype == torch.float32
+    torch.testing.assert_close(got_b, ref_b, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------- batch norm
+
+BN_SHAPES = [(4, 8, 5, 7), (1, 3, 3, 5), (2, 37, 9, 1), (8, 64, 2, 2)]
+
+
+def _bn_inputs(shape, dtype, layout="channels_last"):
+    # A large mean and small spread: a naive E[x^2] - E[x]^2 would lose the variance.
+    x = torch.randn(shape) * 0.5 + 3.0
+    x = x.to(dtype)
+    x = channels_last(x) if layout == "channels_last" else x
+    weight = torch.rand(shape[1]) + 0.5
+    bias = torch.randn(shape[1])
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_reference_bn_matches_functional_batch_norm(dtype):
+    x, weight, bias = _bn_inputs((4, 6, 5, 3), torch.float64)
+    out, mean, invstd, var = reference.bn_act_train(x, weight, bias, None, 1e-5, False)
+    expected = F.batch_norm(x, None, None, weight.double(), bias.double(), training=True, eps=1e-5)
+    assert_rel(out, expected, dtype=torch.float32)
+    assert_rel(var, x.var(dim=(0, 2, 3), unbiased=False).float())
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
+def test_bn_act_train_forward( dtype, shape, residual, relu):
+    x, weight, bias = _bn_inputs(shape, dtype)
+    res = torch.randn(shape, dtype=dtype) if residual else None
+    ref_out, ref_mean, ref_invstd, ref_var = reference.bn_act_train(x, weight, bias, res, 1e-5, relu)
+    poison_allocator(x.numel())
+    out, mean, invstd, var = torch.ops.resnet_fast.bn_act_train(x, weight, bias, res, 1e-5, relu)
+    torch.testing.assert_close(out, ref_out, **ELEM_TOL[dtype])
+    for got, ref in ((mean, ref_mean), (invstd, ref_invstd), (var, ref_var)):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("relu", [True, False])
+def test_bn_act_backward( dtype, shape, relu):
+    x, weight, bias = _bn_inputs(shape, dtype)
+    out, mean, invstd, _ = reference.bn_act_train(x, weight, bias, torch.randn(shape, dtype=dtype), 1e-5, relu)
+    grad = torch.randn(shape, dtype=dtype)
+    expected = reference.bn_act_backward(grad, x, out, weight, mean, invstd, relu)
+    poison_allocator(x.numel())
+    got = torch.ops.resnet_fast.bn_act_backward(grad, x, out, weight, mean, invstd, relu)
+    names = ("grad_x", "grad_weight", "grad_bias", "grad_z")
+    for name, g, e in zip(names, got, expected):
+        assert g.shape == e.shape, name
+        if g.numel():
+            tol = ELEM_TOL[dtype] if name in ("grad_x", "grad_z") else dict(rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(g, e, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_reference_bn_backward_matches_autograd():
+    x, weight, bias = _bn_inputs((3, 5, 4, 6), torch.float64)
+    x, weight, bias = x.double(), weight.double(), bias.double()
+    res = torch.randn(x.shape, dtype=torch.float64, requires_grad=True)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = torch.relu(F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], training=True, eps=1e-5) + res)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref_out, mean, invstd, _ = reference.bn_act_train(x, weight, bias, res.detach(), 1e-5, True)
+    gx, gw, gb, gz = reference.bn_act_backward(grad, x, ref_out.double(), weight, mean.double(), invstd.double(), True)
+    for got, leaf in zip((gx, gw, gb), leaves):
+        torch.testing.assert_close(got.double(), leaf.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gz.double(), res.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("momentum", [0.1, 1.0])
+def test_bn_act_train_updates_running_stats_like_batchnorm(backend, momentum):
+    x, weight, bias = _bn_inputs((4, 6, 5, 3), torch.float32)
+    bn = torch.nn.BatchNorm2d(6, momentum=momentum)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+    expected = bn(x)
+    out, _, _ = ops.bn_act_train(x, weight, bias, running_mean, running_var, None, momentum, bn.eps, False, backend)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(running_mean, bn.running_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(running_var, bn.running_var, rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------- autograd
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["3x3s2_odd", "grouped", "stem7x7s2_C3"])
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv_bias_act_gradients(backend, case, relu):
+    x, weight, bias, args = make_conv(case, torch.float32)
+    res = torch.randn(conv_out_shape(x, weight, args))
+    grad = torch.randn(conv_out_shape(x, weight, args))
+    grads = []
+    for b in ("reference", backend):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias, res)]
+        out = ops.conv_bias_act(*leaves, relu=relu, backend=b, **args)
+        out.backward(grad)
+        grads.append([leaf.grad for leaf in leaves])
+    for name, g, e in zip(("x", "weight", "bias", "residual"), grads[1], grads[0]):
+        assert_rel(g, e, dtype=torch.float32, factor=10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("relu,residual", [(True, True), (True, False), (False, False)])
+def test_bn_act_train_gradients(backend, relu, residual):
+    x, weight, bias = _bn_inputs((3, 7, 5, 4), torch.float32)
+    res = torch.randn(x.shape) if residual else None
+    grad = torch.randn(x.shape)
+    grads = []
+    for b in ("reference", backend):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)] + ([res.clone().requires_grad_()] if residual else [])
+        out, _, _ = ops.bn_act_train(leaves[0], leaves[1], leaves[2], residual=leaves[3] if residual else None,
+                                     relu=relu, backend=b)
+        out.backward(grad)
+        grads.append([leaf.grad for leaf in leaves])
+    for g, e in zip(grads[1], grads[0]):
+        assert_rel(g, e, dtype=torch.float32, factor=10)
+
+
+@needs_native
+def test_opcheck_native_ops():
+    """Schemas, fake kernels and autograd registrations agree with the kernels."""
+    x, weight, bias, args = make_conv("3x3s2_odd", torch.float32)
+    res = channels_last(torch.randn(conv_out_shape(x, weight, args)))
+    s, p, d, g = [args[k] if k == "groups" else [args[k]] * 2 for k in ("stride", "padding", "dilation", "groups")]
+    conv_args = (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), res, s, p, d, g, True)
+    torch.library.opcheck(torch.ops.resnet_fast.conv_bias_act.default, conv_args)
+    bx, bw, bb = _bn_inputs((3, 6, 4, 5), torch.float32)
+    torch.library.opcheck(torch.ops.resnet_fast.bn_act_train.default,
+                          (bx.requires_grad_(), bw.requires_grad_(), bb.requires_grad_(), None, 1e-5, True))
+    y = torch.randn(2, 5, 3, 3)
+    torch.library.opcheck(torch.ops.resnet_fast.bias_act.default, (y, torch.randn(5), y.clone(), True))
+    torch.library.opcheck(torch.ops.resnet_fast.bias_act_backward.default, (y, y.clone(), True))
+    out, mean, invstd, _ = torch.ops.resnet_fast.bn_act_train(bx.detach(), bw.detach(), bb.detach(), None, 1e-5, True)
+    torch.library.opcheck(torch.ops.resnet_fast.bn_act_backward.default,
+                          (torch.randn(bx.shape), bx.detach(), out, bw.detach(), mean, invstd, True))
+
+
+# ------------------------------------------------------------------ fold_bn
+
+@pytest.mark.parametrize("conv_bias", [False, True])
+def test_fold_bn_equals_conv_then_eval_bn(conv_bias):
+    conv = torch.nn.Conv2d(6, 10, 3, padding=1, bias=conv_bias)
+    bn = torch.nn.BatchNorm2d(10).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.3, 3.0)
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_()
+    x = torch.randn(2, 6, 7, 9)
+    weight, bias = ops.fold_bn(conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv.bias)
+    with torch.no_grad():
+        assert_rel(F.conv2d(x, weight, bias, padding=1), bn(conv(x)))
+
+
+# -------------------------------------------------------------- bad input
+
+def _conv_call(**overrides):
+    x, weight, bias, args = make_conv("3x3s1_batch1", torch.float32)
+    call = dict(x=x, weight=weight, bias=bias, residual=None, **args)
+    call.update(overrides)
+    return lambda backend: ops.conv_bias_act(**call, backend=backend)
+
+
+BAD_CONV_CALLS = {
+    "3-D input": (_conv_call(x=torch.randn(8, 9, 11)), ValueError, "4-D"),
+    "integer input": (_conv_call(x=torch.ones(1, 8, 9, 11, dtype=torch.int64)), TypeError, "float32"),
+    "float64 input": (_conv_call(x=torch.randn(1, 8, 9, 11, dtype=torch.float64)), TypeError, "float32"),
+    "empty batch": (_conv_call(x=torch.randn(0, 8, 9, 11)), ValueError, "empty"),
+    "wrong channels": (_conv_call(x=torch.randn(1, 5, 9, 11)), ValueError, "channels"),
+    "weight dtype": (_conv_call(weight=torch.randn(12, 8, 3, 3, dtype=torch.bfloat16)), TypeError, "weight has dtype"),
+    "weight device": (_conv_call(weight=torch.randn(12, 8, 3, 3, device="meta")), ValueError, "weight is on meta"),
+    "bias shape": (_conv_call(bias=torch.randn(11)), ValueError, "bias has shape"),
+    "residual shape": (_conv_call(residual=torch.randn(1, 12, 9, 10)), ValueError, "residual has shape"),
+    "groups": (_conv_call(groups=3), ValueError, "groups=3"),
+    "kernel too large": (_conv_call(x=torch.randn(1, 8, 1, 1), padding=0), ValueError, "smaller than"),
+    "zero stride": (_conv_call(stride=0), ValueError, "stride"),
+}
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("case", list(BAD_CONV_CALLS))
+def test_conv_bias_act_rejects_bad_input(backend, case):
+    call, error, message = BAD_CONV_CALLS[case]
+    with pytest.raises(error, match=message):
+        call(backend)
+
+
+@needs_native
+def test_native_ops_check_their_arguments_directly():
+    """Called through torch.ops, bypassing the Python checks, the kernels
+    still reject bad input with a message instead of crashing."""
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        torch.ops.resnet_fast.bias_act(torch.randn(1, 4, 3, 3), torch.randn(4), torch.randn(1, 4, 3, 2), True)
+    with pytest.raises(RuntimeError, match="more than 1 value per channel"):
+        torch.ops.resnet_fast.bn_act_train(torch.randn(1, 4, 1, 1), torch.ones(4), torch.zeros(4), None, 1e-5, True)
+    with pytest.raises(RuntimeError, match="channels but weight expects"):
+        torch.ops.resnet_fast.conv_bias_act(torch.randn(1, 4, 5, 5), torch.randn(2, 3, 3, 3), torch.randn(2), None,
+                                            [1, 1], [1, 1], [1, 1], 1, True)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        torch.ops.resnet_fast.bn_act_train(torch.ones(2, 4, 3, 3, dtype=torch.int32), torch.ones(4), torch.zeros(4),
+                                           None, 1e-5, True)
+
+
+def test_bn_act_train_rejects_bad_input():
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.bn_act_train(torch.randn(1, 4, 1, 1), torch.ones(4), torch.zeros(4))
+    with pytest.raises(ValueError, match="weight has shape"):
+        ops.bn_act_train(x, torch.ones(5), torch.zeros(4))
+    with pytest.raises(ValueError, match="both running_mean and running_var"):
+        ops.bn_act_train(x, torch.ones(4), torch.zeros(4), running_mean=torch.zeros(4))
+    with pytest.raises(ValueError, match="residual has shape"):
+        ops.bn_act_train(x, torch.ones(4), torch.zeros(4), residual=torch.randn(2, 4, 3, 2))
+
+
+def test_unknown_and_unavailable_backends_raise():
+    x, weight, bias, args = make_conv("1x1", torch.float32)
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        ops.conv_bias_act(x, weight, bias, backend="cudnn")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+        ops.conv_bias_act(x, weight, bias, backend="triton")

@@ -1,0 +1,143 @@
+"""Loading weights (files, checkpoints, torchvision enums) and converting
+torchvision models, with clear errors for what does not fit."""
+import os
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+import resnet_fast
+
+from conftest import assert_rel
+from models_util import give_bn_random_statistics
+
+
+@pytest.fixture
+def tv18():
+    model = torchvision.models.resnet18(num_classes=7)
+    give_bn_random_statistics(model)
+    return model.eval()
+
+
+def _check_same_outputs(ours, tv):
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert_rel(ours.eval()(x), tv.eval()(x))
+
+
+@pytest.mark.parametrize("form", ["pth", "safetensors", "checkpoint", "ddp", "mapping"])
+def test_weights_argument_loads_every_form(tmp_path, tv18, form):
+    state = tv18.state_dict()
+    path = tmp_path / f"weights.{form}"
+    if form == "pth":
+        torch.save(state, path)
+    elif form == "safetensors":
+        path = tmp_path / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif form == "checkpoint":
+        torch.save({"model": state, "epoch": 3, "optimizer": {}}, path)
+    elif form == "ddp":
+        torch.save({"state_dict": {"module." + k: v for k, v in state.items()}}, path)
+    source = state if form == "mapping" else str(path)
+    _check_same_outputs(resnet_fast.resnet18(weights=source, num_classes=7), tv18)
+
+
+def test_torchvision_weights_enum_from_local_cache(tmp_path, monkeypatch, tv18):
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not download"):
+        resnet_fast.resnet18(weights=weights)
+    full = torchvision.models.resnet18()  # 1000 classes, like the enum's metadata
+    give_bn_random_statistics(full)
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    torch.save(full.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(weights.url))
+    ours = resnet_fast.resnet18(weights=weights)
+    assert ours.fc.out_features == len(weights.meta["categories"])
+    _check_same_outputs(ours, full)
+
+
+def test_mismatched_weights_list_the_keys(tmp_path, tv18):
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34(num_classes=7).state_dict(), path)
+    with pytest.raises(ValueError, match=r"unexpected keys \(\d+\): layer1\.2\.bn1\.bias"):
+        resnet_fast.resnet18(weights=str(path), num_classes=7)
+    with pytest.raises(ValueError, match=r"shape mismatches \(2\): fc\.bias: file \(7,\) vs model \(10,\)"):
+        resnet_fast.resnet18(weights=tv18.state_dict(), num_classes=10)
+    state = dict(tv18.state_dict())
+    del state["layer4.1.bn2.running_var"]
+    with pytest.raises(ValueError, match=r"missing keys \(1\): layer4\.1\.bn2\.running_var"):
+        resnet_fast.resnet18(weights=state, num_classes=7)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ([1, 2, 3], "does not hold a state_dict"),
+        ({"epoch": 3}, "does not hold a state_dict"),
+        ("truncated", "could not be read"),
+        ("pickle", "could not be read"),
+    ],
+)
+def test_files_that_are_not_state_dicts_are_rejected(tmp_path, tv18, content, message):
+    path = tmp_path / "bad.pth"
+    if content == "truncated":
+        torch.save(tv18.state_dict(), path)
+        path.write_bytes(path.read_bytes()[:1000])
+    elif content == "pickle":
+        torch.save({"model": tv18}, path)  # a whole pickled module: refused by weights_only
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=message):
+        resnet_fast.resnet18(weights=str(path), num_classes=7)
+
+
+def test_missing_file_and_bad_types():
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        resnet_fast.resnet18(weights="/nonexistent/weights.pth")
+    with pytest.raises(TypeError, match="weights must be a file path"):
+        resnet_fast.resnet18(weights=3)
+    with pytest.raises(ValueError, match="conflicts with this architecture"):
+        resnet_fast.resnext50_32x4d(groups=4)
+
+
+def test_corrupt_safetensors_is_rejected(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        resnet_fast.resnet18(weights=str(path))
+
+
+# ------------------------------------------------------------- conversion
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: torchvision.models.resnet18(num_classes=7),
+        lambda: torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True]),
+        lambda: torchvision.models.resnext50_32x4d(num_classes=3),
+    ],
+    ids=["resnet18", "resnet50-dilated", "resnext50"],
+)
+def test_from_torchvision_gives_the_same_model(build):
+    tv = build()
+    give_bn_random_statistics(tv)
+    ours = resnet_fast.from_torchvision(tv.eval())
+    assert isinstance(ours, resnet_fast.ResNet) and not ours.training
+    _check_same_outputs(ours, tv)
+
+
+def test_from_torchvision_keeps_replaced_modules_and_mode(tv18):
+    tv18.conv1 = torch.nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    tv18.fc = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(512, 4))
+    tv18.train()
+    ours = resnet_fast.from_torchvision(tv18)
+    assert ours.training and isinstance(ours.fc, torch.nn.Sequential)
+    x = torch.randn(2, 1, 40, 40)
+    with torch.no_grad():
+        assert_rel(ours.eval()(x), tv18.eval()(x))
+
+
+def test_from_torchvision_rejects_other_models():
+    with pytest.raises(TypeError, match="is not a torchvision ResNet"):
+        resnet_fast.from_torchvision(torchvision.models.mobilenet_v3_small())
