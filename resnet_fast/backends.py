@@ -6,7 +6,6 @@ Backends:
                tensors, CUDA kernels for CUDA tensors (when built with CUDA).
   "triton"     Triton kernels (GPU).
 """
-import functools
 import warnings
 from typing import Dict, NamedTuple, Optional
 
@@ -20,32 +19,33 @@ class BackendStatus(NamedTuple):
     detail: str
 
 
-@functools.lru_cache(maxsize=None)
-def _extension_error() -> Optional[str]:
+def _load_extension() -> Optional[str]:
+    """Import resnet_fast._C (which registers the ops); the error, or None."""
     try:
-        import resnet_fast._C  # noqa: F401  (registers the ops)
+        import resnet_fast._C  # noqa: F401
     except ImportError as exc:
         return f"the compiled extension resnet_fast._C did not load ({exc}); reinstall with `pip install --no-build-isolation .`"
     return None
 
 
+# Decided once, at import: the model's forward reads these plain values, which
+# torch.compile can trace without graph breaks.
+_EXTENSION_ERROR = _load_extension()
+_NATIVE_HAS_CUDA = _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "resnet_fast::conv_bias_act", "CUDA"
+)
+
+
 def native_loaded() -> bool:
-    return _extension_error() is None
-
-
-def _native_has_cuda() -> bool:
-    return native_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "resnet_fast::conv_bias_act", "CUDA"
-    )
+    return _EXTENSION_ERROR is None
 
 
 def available_backends() -> Dict[str, BackendStatus]:
     """Each backend: whether this install can run it, and what on (or why not)."""
     status = {"reference": BackendStatus(True, "pure PyTorch; CPU and CUDA")}
-    error = _extension_error()
-    if error is not None:
-        status["native"] = BackendStatus(False, error)
-    elif _native_has_cuda():
+    if _EXTENSION_ERROR is not None:
+        status["native"] = BackendStatus(False, _EXTENSION_ERROR)
+    elif _NATIVE_HAS_CUDA:
         status["native"] = BackendStatus(True, "C++ kernels for CPU tensors, CUDA kernels for CUDA tensors")
     else:
         status["native"] = BackendStatus(
@@ -57,20 +57,28 @@ def available_backends() -> Dict[str, BackendStatus]:
 
 def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
     """Why backend cannot run on device, or None when it can."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
-    status = available_backends()[backend]
-    if not status.available:
-        return status.detail
-    if backend == "native" and device.type == "cuda" and not _native_has_cuda():
-        return "resnet_fast._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
-    if backend == "native" and device.type not in ("cpu", "cuda"):
-        return f"the native kernels run on CPU and CUDA tensors, not {device.type}"
-    return None
+    if backend == "reference":
+        return None
+    if backend == "native":
+        if _EXTENSION_ERROR is not None:
+            return _EXTENSION_ERROR
+        if device.type == "cuda" and not _NATIVE_HAS_CUDA:
+            return "resnet_fast._C was built without CUDA kernels (torch without CUDA or no nvcc at build time)"
+        if device.type not in ("cpu", "cuda"):
+            return f"the native kernels run on CPU and CUDA tensors, not {device.type}"
+        return None
+    if backend == "triton":
+        return available_backends()["triton"].detail
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
 
 
-@functools.lru_cache(maxsize=None)
+_WARNED = set()
+
+
 def _warn_fallback(device_type: str, reason: str) -> None:
+    if (device_type, reason) in _WARNED:
+        return
+    _WARNED.add((device_type, reason))
     warnings.warn(
         f"resnet_fast: the native backend cannot run on {device_type} ({reason}); "
         "using the reference (pure PyTorch) backend",

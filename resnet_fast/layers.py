@@ -84,9 +84,12 @@ class FoldCache:
             return self._value
 
 
-def fold_cache(owner: nn.Module, name: str) -> FoldCache:
-    """The FoldCache that `owner` keeps for its conv called `name`. Held as a
-    plain attribute: not a buffer, so never in the state_dict."""
+def fold_cache(owner: nn.Module, name: str) -> Optional[FoldCache]:
+    """The FoldCache that `owner` keeps for its conv called `name`, or None
+    while torch.compile traces (the compiled graph folds by itself). Held as
+    a plain attribute: not a buffer, so never in the state_dict."""
+    if torch.compiler.is_compiling():
+        return None
     caches = owner.__dict__.setdefault("_fold_caches", {})
     cache = caches.get(name)
     if cache is None:
@@ -126,7 +129,10 @@ def conv_norm_act(
     if isinstance(norm, nn.BatchNorm2d) or is_frozen_bn(norm):
         resolved = resolve_backend(backend, x.device)
         prepack = resolved == "native" and x.device.type == "cpu" and not x.requires_grad
-        weight, bias = (cache or FoldCache()).folded(conv, norm, x if prepack else None)
+        if cache is None:
+            weight, bias = _fold(conv, norm)
+        else:
+            weight, bias = cache.folded(conv, norm, x if prepack else None)
         if weight.dtype != x.dtype and not weight.is_mkldnn:
             # Autocast or a model kept in another precision: match the input.
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)

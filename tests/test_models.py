@@ -60,17 +60,19 @@ def test_dilated_variant_matches_torchvision():
 
 
 def _train_steps(model, batches, lr=0.01):
-    """SGD with momentum on (images, labels) batches; returns the losses and
-    the gradients of the last step."""
+    """SGD on (images, labels) batches; returns the outputs of the first
+    step, the losses, and the gradients of the last step."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    losses = []
+    losses, first_outputs = [], None
     for images, labels in batches:
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(images.to(next(model.parameters()).dtype)), labels)
+        outputs = model(images.to(next(model.parameters()).dtype))
+        first_outputs = outputs.detach().double() if first_outputs is None else first_outputs
+        loss = F.cross_entropy(outputs, labels)
         loss.backward()
         optimizer.step()
         losses.append(loss.detach().double())
-    return losses, {n: p.grad.detach().double() for n, p in model.named_parameters()}
+    return first_outputs, losses, {n: p.grad.detach().double() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -93,10 +95,11 @@ def test_train_steps_match_torchvision(backend, arch):
         assert err_ours <= 4 * err_tv + 1e-4 * true_value.norm().item(), (
             f"{what}: error vs float64 {err_ours:.3g}, torchvision fp32's {err_tv:.3g}")
 
-    for step, (lo, lt, l64) in enumerate(zip(runs["ours"][0], runs["tv"][0], runs["truth"][0])):
+    check(runs["ours"][0], runs["tv"][0], runs["truth"][0], "outputs in train mode")
+    for step, (lo, lt, l64) in enumerate(zip(runs["ours"][1], runs["tv"][1], runs["truth"][1])):
         check(lo, lt, l64, f"loss at step {step}")
-    for name, g64 in runs["truth"][1].items():
-        check(runs["ours"][1][name], runs["tv"][1][name], g64, f"grad of {name}")
+    for name, g64 in runs["truth"][2].items():
+        check(runs["ours"][2][name], runs["tv"][2][name], g64, f"grad of {name}")
     tv_state, our_state, true_state = tv.state_dict(), ours.state_dict(), truth.state_dict()
     for name, value in true_state.items():
         if name.endswith("num_batches_tracked"):
@@ -195,3 +198,33 @@ def test_bad_backend_names_are_rejected():
     model = resnet_fast.resnet18(backend="triton")
     with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
         model.eval()(torch.randn(1, 3, 32, 32))
+
+
+# ------------------------------------------------------------ integration
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_torch_compile_fullgraph(mode):
+    """The whole forward (and backward) traces into one graph: the fused ops
+    are registered ops with fake kernels, and the fold cache steps aside."""
+    tv, ours = pair("resnet18", num_classes=10)
+    getattr(tv, mode)(), getattr(ours, mode)()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 48, 48)
+    out = compiled(x)
+    if mode == "train":
+        out.sum().backward()
+        assert ours.conv1.weight.grad is not None
+    with torch.no_grad():
+        assert_rel(out.detach(), tv(x), factor=10)
+
+
+def test_intermediate_layer_getter_gives_torchvision_features():
+    tv, ours = pair("resnet50")
+    wanted = {"layer2": "c3", "layer4": "c5"}
+    ours_body = torchvision.models._utils.IntermediateLayerGetter(ours.eval(), wanted)
+    tv_body = torchvision.models._utils.IntermediateLayerGetter(tv.eval(), wanted)
+    x = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        ours_features, tv_features = ours_body(x), tv_body(x)
+    for name in wanted.values():
+        assert_rel(ours_features[name], tv_features[name])

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The one command for a lent GPU machine (see the README): versions, an
+# in-place build of the extension, the CUDA tests, the benchmark, and a short
+# summary last. Each step runs even when an earlier one failed; logs and
+# results go to $OUT (default: benchmarks/out).
+#   bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+status=()
+
+echo "== versions"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee "$OUT/versions.txt"
+python - <<'PY' 2>&1 | tee -a "$OUT/versions.txt"
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available())
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+PY
+nvcc --version 2>&1 | tail -1 | tee -a "$OUT/versions.txt"
+
+echo "== build (log: $OUT/build.log)"
+python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+status+=("build: exit $?")
+tail -3 "$OUT/build.log"
+
+echo "== CUDA tests (log: $OUT/tests.log)"
+python -m pytest tests/test_cuda.py tests/test_build.py -q -ra 2>&1 | tee "$OUT/tests.log" | tail -15
+status+=("cuda tests: exit ${PIPESTATUS[0]}")
+
+echo "== benchmark (log: $OUT/bench.log)"
+python -m benchmarks --device cuda --batch "${BENCH_BATCH:-256}" --dtype bfloat16 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -5
+status+=("benchmark: exit ${PIPESTATUS[0]}")
+
+echo "== summary"
+grep -E "^\| (resnet|contender|ours|folded|eager|conv\+)" "$OUT"/cuda-*.md 2>/dev/null | head -30
+printf '%s\n' "${status[@]}"
