@@ -228,3 +228,21 @@ def test_intermediate_layer_getter_gives_torchvision_features():
         ours_features, tv_features = ours_body(x), tv_body(x)
     for name in wanted.values():
         assert_rel(ours_features[name], tv_features[name])
+
+
+def test_varying_input_shapes_stay_correct_and_bounded():
+    """Weights prepacked per input shape: alternating shapes give the right
+    answers, and each layer keeps at most MAX_PACKED_SHAPES of them."""
+    from resnet_fast.layers import FoldCache
+
+    tv, ours = pair("resnet18")
+    tv.eval(), ours.eval()
+    shapes = [(1, 40, 40), (2, 48, 40), (1, 40, 40), (1, 33, 57), (3, 40, 40), (1, 64, 64), (2, 32, 32), (1, 40, 40)]
+    with torch.no_grad():
+        for n, h, w in shapes:
+            x = torch.randn(n, 3, h, w)
+            assert_rel(ours(x), tv(x))
+    caches = [c for m in ours.modules() for c in m.__dict__.get("_fold_caches", {}).values()]
+    assert caches and all(len(c._packed) <= FoldCache.MAX_PACKED_SHAPES for c in caches)
+    if "native" in kernel_backends() and torch.backends.mkldnn.is_available():
+        assert all(len(c._packed) == FoldCache.MAX_PACKED_SHAPES for c in caches)
