@@ -8,21 +8,11 @@ import torch
 import torchvision
 
 import resnet_fast
+from resnet_fast.testing import randomize_batchnorm_
 
 from .timing import compare
 
 BASELINE = "torchvision eager, channels_last"
-
-
-def _prepare_bn(model: torch.nn.Module) -> None:
-    """Non-trivial BN statistics, so that the check of outputs means something."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0.0, 0.1)
 
 
 def _compiled(model: torch.nn.Module, device: torch.device):
@@ -39,7 +29,7 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
         with_compile: bool, repeats: int) -> List[Dict]:
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)()
-    _prepare_bn(tv)
+    randomize_batchnorm_(tv)  # non-trivial BN, so that the check of outputs means something
     tv = tv.eval().to(device=device, dtype=dtype)
     tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
     ours = resnet_fast.from_torchvision(tv).eval()

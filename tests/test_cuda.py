@@ -8,7 +8,7 @@ import resnet_fast
 from resnet_fast import ops, reference
 
 from conftest import ELEM_TOL, HAS_CUDA, assert_rel, channels_last, poison_allocator
-from models_util import give_bn_random_statistics
+from resnet_fast.testing import randomize_batchnorm_
 from test_ops import BN_SHAPES, CONV_CASES, DTYPES, conv_out_shape, make_conv
 
 pytestmark = [
@@ -87,7 +87,7 @@ def exact_fp32():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_resnet50_eval_and_train_step_cuda(dtype, exact_fp32):
     tv = torchvision.models.resnet50(num_classes=10)
-    give_bn_random_statistics(tv)
+    randomize_batchnorm_(tv)
     tv = tv.to(CUDA, dtype)
     ours = resnet_fast.from_torchvision(tv, backend="native")
     x = torch.randn(8, 3, 224, 224, device=CUDA, dtype=dtype)

@@ -9,7 +9,8 @@ import torchvision
 import resnet_fast
 
 from conftest import assert_rel, kernel_backends, rel_err
-from models_util import give_bn_random_statistics, pair
+from models_util import pair
+from resnet_fast.testing import randomize_batchnorm_
 
 ALL_BUILDERS = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -147,7 +148,7 @@ def test_fold_cache_follows_every_weight_change():
     _assert_eval_matches_torchvision(ours, x)
 
     other = torchvision.models.resnet18(num_classes=10)
-    give_bn_random_statistics(other)
+    randomize_batchnorm_(other)
     ours.load_state_dict(other.state_dict())
     _assert_eval_matches_torchvision(ours, x)
 

@@ -10,13 +10,13 @@ from safetensors.torch import save_file
 import resnet_fast
 
 from conftest import assert_rel
-from models_util import give_bn_random_statistics
+from resnet_fast.testing import randomize_batchnorm_
 
 
 @pytest.fixture
 def tv18():
     model = torchvision.models.resnet18(num_classes=7)
-    give_bn_random_statistics(model)
+    randomize_batchnorm_(model)
     return model.eval()
 
 
@@ -49,7 +49,7 @@ def test_torchvision_weights_enum_from_local_cache(tmp_path, monkeypatch, tv18):
     with pytest.raises(FileNotFoundError, match="does not download"):
         resnet_fast.resnet18(weights=weights)
     full = torchvision.models.resnet18()  # 1000 classes, like the enum's metadata
-    give_bn_random_statistics(full)
+    randomize_batchnorm_(full)
     os.makedirs(tmp_path / "hub" / "checkpoints")
     torch.save(full.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(weights.url))
     ours = resnet_fast.resnet18(weights=weights)
@@ -121,7 +121,7 @@ def test_corrupt_safetensors_is_rejected(tmp_path):
 )
 def test_from_torchvision_gives_the_same_model(build):
     tv = build()
-    give_bn_random_statistics(tv)
+    randomize_batchnorm_(tv)
     ours = resnet_fast.from_torchvision(tv.eval())
     assert isinstance(ours, resnet_fast.ResNet) and not ours.training
     _check_same_outputs(ours, tv)

@@ -92,11 +92,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     sums = reduce_channels<2>(M, C, [&](int64_t m, double* acc) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = m * C + c;
-        float dz = static_cast<float>(gp[i]);
-        if (relu) {
-          dz = static_cast<float>(op[i]) > 0.f ? dz : 0.f;
-          zp[i] = static_cast<scalar_t>(dz);
-        }
+        const float dz = relu_grad(gp, op, zp, i, relu);
         acc[c] += dz;
         acc[C + c] += dz * (static_cast<float>(xp[i]) - mean[c]);
       }

@@ -9,23 +9,7 @@
 
 namespace resnet_fast::cpu {
 
-// act(y + bias + residual) written into y (NHWC, contiguous), in place.
-void bias_act_inplace(at::Tensor& y, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-                      bool relu);
-
-at::Tensor bias_act(const at::Tensor& y, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-                    bool relu);
-std::tuple<at::Tensor, at::Tensor> bias_act_backward(const at::Tensor& grad_out, const at::Tensor& out,
-                                                     bool relu);
-at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const std::optional<at::Tensor>& residual, double eps, bool relu);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const at::Tensor& weight,
-    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool relu);
+#include "../op_declarations.inc"
 
 // Rows per work item of the per-channel reductions. Fixed, so that partial
 // sums (and so the results) do not depend on the number of threads.
@@ -53,6 +37,19 @@ std::vector<double> reduce_channels(int64_t M, int64_t C, const RowBody& row_bod
 
 // [C] fp32 tensor from C doubles starting at values.
 at::Tensor channel_tensor(const double* values, int64_t C, const at::TensorOptions& options);
+
+// Element i of the gradient through an optional ReLU: grad_out masked by
+// out > 0 when relu, and then also stored to grad_z (the masked gradient the
+// ops return); grad_out itself otherwise.
+template <typename scalar_t>
+inline float relu_grad(const scalar_t* grad_out, const scalar_t* out, scalar_t* grad_z, int64_t i, bool relu) {
+  float dz = static_cast<float>(grad_out[i]);
+  if (relu) {
+    dz = static_cast<float>(out[i]) > 0.f ? dz : 0.f;
+    grad_z[i] = static_cast<scalar_t>(dz);
+  }
+  return dz;
+}
 
 // NaN-propagating ReLU (NaN < 0 is false, so NaN passes through, as torch.relu).
 inline float act(float v, bool relu) { return (relu && v < 0.f) ? 0.f : v; }

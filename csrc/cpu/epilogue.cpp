@@ -55,15 +55,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_backward(const at::Tensor& grad_out,
     const scalar_t* op = o.data_ptr<scalar_t>();
     scalar_t* zp = relu ? grad_z.data_ptr<scalar_t>() : nullptr;
     sums = reduce_channels<1>(M, C, [&](int64_t m, double* acc) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = m * C + c;
-        float dz = static_cast<float>(gp[i]);
-        if (relu) {
-          dz = static_cast<float>(op[i]) > 0.f ? dz : 0.f;
-          zp[i] = static_cast<scalar_t>(dz);
-        }
-        acc[c] += dz;
-      }
+      for (int64_t c = 0; c < C; ++c) acc[c] += relu_grad(gp, op, zp, m * C + c, relu);
     });
   });
   return {grad_z, channel_tensor(sums.data(), C, g.options())};

@@ -18,24 +18,7 @@
 
 namespace resnet_fast::gpu {
 
-// act(y + bias + residual) written into y (channels_last contiguous), in place.
-// The caller has run check_bias_act_args(y, bias, residual).
-void bias_act_inplace(at::Tensor& y, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-                      bool relu);
-
-at::Tensor bias_act(const at::Tensor& y, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
-                    bool relu);
-std::tuple<at::Tensor, at::Tensor> bias_act_backward(const at::Tensor& grad_out, const at::Tensor& out,
-                                                     bool relu);
-at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-    const std::optional<at::Tensor>& residual, double eps, bool relu);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& out, const at::Tensor& weight,
-    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool relu);
+#include "../op_declarations.inc"
 
 // out = act(affine(in) + residual) over an NHWC [M, C] tensor, where
 // affine(v) = (v - mean[c]) * scale[c] + shift[c] when mean is given (batch
