@@ -125,13 +125,13 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:
     return weight.contiguous(memory_format=torch.channels_last), bias
 
 
-def _conv_padding(conv: nn.Conv2d):
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise NotImplementedError(
-            f"resnet_fast: fused conv supports numeric zero padding only, got padding={conv.padding!r}, "
-            f"padding_mode={conv.padding_mode!r}"
-        )
-    return conv.padding
+def _fusable_conv(conv: nn.Module) -> bool:
+    """A plain nn.Conv2d with numeric zero padding: what the fused ops take."""
+    return (
+        type(conv) is nn.Conv2d
+        and not isinstance(conv.padding, str)
+        and conv.padding_mode == "zeros"
+    )
 
 
 def conv_norm_act(
@@ -143,8 +143,10 @@ def conv_norm_act(
     backend: Optional[str] = None,
     cache: Optional[FoldCache] = None,
 ) -> Tensor:
-    """act(norm(conv(x)) + residual), through the fused ops where they apply."""
-    padding = _conv_padding(conv)
+    """act(norm(conv(x)) + residual), through the fused ops where they apply
+    (any other conv or norm module runs as it is)."""
+    if not _fusable_conv(conv):
+        return _unfused(conv, norm, x, residual, relu)
     if isinstance(norm, nn.BatchNorm2d) and _uses_batch_stats(norm):
         return _conv_bn_train(conv, norm, x, residual, relu, backend)
     if isinstance(norm, nn.BatchNorm2d) or is_frozen_bn(norm):
@@ -158,8 +160,12 @@ def conv_norm_act(
             # Autocast or a model kept in another precision: match the input.
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         return ops.conv_bias_act(
-            x, weight, bias, residual, conv.stride, padding, conv.dilation, conv.groups, relu, resolved
+            x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
         )
+    return _unfused(conv, norm, x, residual, relu)
+
+
+def _unfused(conv, norm, x, residual, relu):
     out = norm(conv(x))
     if residual is not None:
         out = out + residual

@@ -247,3 +247,18 @@ def test_varying_input_shapes_stay_correct_and_bounded():
     assert caches and all(len(c._packed) <= FoldCache.MAX_PACKED_SHAPES for c in caches)
     if "native" in kernel_backends() and torch.backends.mkldnn.is_available():
         assert all(len(c._packed) == FoldCache.MAX_PACKED_SHAPES for c in caches)
+
+
+def test_other_norm_layers_run_unfused_and_match():
+    """A norm layer the fused ops do not cover (GroupNorm) runs as it is."""
+    norm = lambda channels: torch.nn.GroupNorm(4, channels)  # noqa: E731
+    tv = torchvision.models.resnet18(num_classes=5, norm_layer=norm)
+    ours = resnet_fast.resnet18(num_classes=5, norm_layer=norm)
+    ours.load_state_dict(tv.state_dict())
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert_rel(ours.eval()(x), tv.eval()(x))
+    ours.conv1.padding_mode = "reflect"  # not fusable: runs the module
+    tv.conv1.padding_mode = "reflect"
+    with torch.no_grad():
+        assert_rel(ours(x), tv(x))
