@@ -4,8 +4,10 @@ Backends:
   "reference"  pure PyTorch (resnet_fast.reference); always available.
   "native"     the compiled extension resnet_fast._C: C++ kernels for CPU
                tensors, CUDA kernels for CUDA tensors (when built with CUDA).
-  "triton"     Triton kernels (GPU).
+  "triton"     Triton kernels (resnet_fast.kernels.triton): CUDA tensors, or CPU
+               tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
 """
+import os
 import warnings
 from typing import Dict, NamedTuple, Optional
 
@@ -36,8 +38,27 @@ _NATIVE_HAS_CUDA = _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_fo
 )
 
 
+def _load_triton():
+    """(available, detail) of the Triton kernels; registers their ops when available."""
+    from .kernels.triton import triton_available
+
+    available, detail = triton_available()
+    if available:
+        from .kernels.triton import ops  # noqa: F401  (registers torch.ops.resnet_fast_triton)
+    return available, detail
+
+
+_TRITON_AVAILABLE, _TRITON_DETAIL = _load_triton()
+_TRITON_INTERPRETED = _TRITON_AVAILABLE and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def native_loaded() -> bool:
     return _EXTENSION_ERROR is None
+
+
+def triton_interpreted() -> bool:
+    """Whether the Triton kernels run in Triton's interpreter (CPU tensors)."""
+    return _TRITON_INTERPRETED
 
 
 def available_backends() -> Dict[str, BackendStatus]:
@@ -51,7 +72,7 @@ def available_backends() -> Dict[str, BackendStatus]:
         status["native"] = BackendStatus(
             True, "C++ kernels for CPU tensors; built without CUDA, so not for CUDA tensors"
         )
-    status["triton"] = BackendStatus(False, "the Triton kernels are not part of this version yet")
+    status["triton"] = BackendStatus(_TRITON_AVAILABLE, _TRITON_DETAIL)
     return status
 
 
@@ -68,7 +89,15 @@ def _unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
             return f"the native kernels run on CPU and CUDA tensors, not {device.type}"
         return None
     if backend == "triton":
-        return available_backends()["triton"].detail
+        if not _TRITON_AVAILABLE:
+            return _TRITON_DETAIL
+        if device.type == "cpu" and not _TRITON_INTERPRETED:
+            return "the Triton kernels run on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+        if device.type == "cuda" and _TRITON_INTERPRETED:
+            return "TRITON_INTERPRET=1 is set, so the Triton kernels take CPU tensors only"
+        if device.type not in ("cpu", "cuda"):
+            return f"the Triton kernels run on CUDA tensors, not {device.type}"
+        return None
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or None")
 
 

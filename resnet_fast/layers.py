@@ -173,7 +173,14 @@ def _unfused(conv, norm, x, residual, relu):
 
 
 def _conv_bn_train(conv, bn, x, residual, relu, backend):
-    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if resolve_backend(backend, x.device) == "triton":
+        # The whole layer on the Triton kernels: the conv without an epilogue.
+        conv_bias = conv.bias if conv.bias is not None else x.new_zeros(conv.out_channels)
+        y = ops.conv_bias_act(
+            x, conv.weight, conv_bias, None, conv.stride, conv.padding, conv.dilation, conv.groups, False, "triton"
+        )
+    else:
+        y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)

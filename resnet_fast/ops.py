@@ -2,23 +2,32 @@
 
 Every model layer calls these functions, never a kernel directly. Each op
 validates its arguments once here, then runs on the chosen backend:
-"reference" (resnet_fast.reference, plain autograd) or "native" (the
+"reference" (resnet_fast.reference, plain autograd), "native" (the
 resnet_fast::* operators of the compiled extension, with fake kernels and
 autograd formulas registered below so that torch.compile and autograd see
-them as ordinary ops).
+them as ordinary ops) or "triton" (the resnet_fast_triton::* operators of
+resnet_fast.kernels.triton, same schemas and autograd formulas).
 """
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import autograd_formulas, reference
 from .backends import native_loaded, resolve_backend
 
 __all__ = ["conv_bias_act", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
 
 IntOrPair = Union[int, Sequence[int]]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# Each kernel backend's operators (same schemas, csrc/ops.cpp).
+_NAMESPACES = {"native": "resnet_fast", "triton": "resnet_fast_triton"}
+
+
+def _kernels(backend: str):
+    return getattr(torch.ops, _NAMESPACES[backend])
 
 
 # ----------------------------------------------------------------- validation
@@ -127,7 +136,7 @@ def conv_bias_act(
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    return torch.ops.resnet_fast.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    return _kernels(backend).conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
 def bias_act(
@@ -138,8 +147,14 @@ def bias_act(
     _check_channel_vector(y, bias, "bias", y.shape[1])
     if residual is not None:
         _check_like(y, residual, "residual", shape=y.shape)
-    if resolve_backend(backend, y.device) == "reference":
+    backend = resolve_backend(backend, y.device)
+    if backend == "reference":
         return reference.bias_act(y, bias, residual, relu)
+    if backend == "triton":
+        raise NotImplementedError(
+            "resnet_fast: bias_act has no Triton kernel of its own (the Triton conv_bias_act fuses it); "
+            "use backend='native' or 'reference'"
+        )
     return torch.ops.resnet_fast.bias_act(y, bias, residual, relu)
 
 
@@ -180,10 +195,11 @@ def bn_act_train(
         raise ValueError(
             f"resnet_fast: batch norm in training needs more than 1 value per channel, got input of shape {tuple(x.shape)}"
         )
-    if resolve_backend(backend, x.device) == "reference":
+    backend = resolve_backend(backend, x.device)
+    if backend == "reference":
         out, mean, invstd, var = reference.bn_act_train(x, weight, bias, residual, eps, relu)
     else:
-        out, mean, invstd, var = torch.ops.resnet_fast.bn_act_train(x, weight, bias, residual, eps, relu)
+        out, mean, invstd, var = _kernels(backend).bn_act_train(x, weight, bias, residual, eps, relu)
     if running_mean is not None:
         with torch.no_grad():
             unbiased = var * (count / (count - 1))
@@ -277,43 +293,7 @@ def _register_native() -> None:
         per_channel = weight.new_empty(x.shape[1])
         return _channels_last_like(x.shape, x), per_channel, per_channel.clone(), grad_z
 
-    def conv_setup(ctx, inputs, output):
-        x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
-        ctx.save_for_backward(x, weight, output)
-        ctx.conv_args = (stride, padding, dilation, groups)
-        ctx.relu, ctx.bias_dtype, ctx.has_residual = relu, bias.dtype, residual is not None
-
-    def conv_backward(ctx, grad_out):
-        x, weight, out = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
-        grad_z, grad_bias = torch.ops.resnet_fast.bias_act_backward(grad_out, out, ctx.relu)
-        dz = grad_z if ctx.relu else grad_out
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_w = None
-        if need_x or need_w:
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                dz, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
-            )
-        grad_residual = dz if ctx.has_residual else None
-        return grad_x, grad_w, grad_bias.to(ctx.bias_dtype), grad_residual, None, None, None, None, None
-
-    torch.library.register_autograd(lib + "conv_bias_act", conv_backward, setup_context=conv_setup)
-
-    def bn_setup(ctx, inputs, output):
-        x, weight, bias, residual, eps, relu = inputs
-        out, mean, invstd, _ = output
-        ctx.save_for_backward(x, out, weight, mean, invstd)
-        ctx.relu, ctx.has_residual = relu, residual is not None
-
-    def bn_backward(ctx, grad_out, *_unused_stat_grads):
-        x, out, weight, mean, invstd = ctx.saved_tensors
-        grad_x, grad_w, grad_b, grad_z = torch.ops.resnet_fast.bn_act_backward(
-            grad_out, x, out, weight, mean, invstd, ctx.relu
-        )
-        grad_residual = (grad_z if ctx.relu else grad_out) if ctx.has_residual else None
-        return grad_x, grad_w, grad_b, grad_residual, None, None
-
-    torch.library.register_autograd(lib + "bn_act_train", bn_backward, setup_context=bn_setup)
+    autograd_formulas.register("resnet_fast")
 
 
 if native_loaded():

@@ -193,11 +193,15 @@ def test_model_rejects_bad_input(make_input, error, message):
         model(make_input())
 
 
-def test_bad_backend_names_are_rejected():
+def test_bad_backend_names_are_rejected(monkeypatch):
+    from resnet_fast import backends
+
     with pytest.raises(ValueError, match="unknown backend"):
         resnet_fast.resnet18(backend="cudnn")
+    monkeypatch.setattr(backends, "_TRITON_AVAILABLE", False)
+    monkeypatch.setattr(backends, "_TRITON_DETAIL", "no triton here")
     model = resnet_fast.resnet18(backend="triton")
-    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: no triton here"):
         model.eval()(torch.randn(1, 3, 32, 32))
 
 

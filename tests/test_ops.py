@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import resnet_fast
 from resnet_fast import ops, reference
 
 from conftest import ELEM_TOL, assert_rel, channels_last, kernel_backends, poison_allocator
@@ -342,9 +343,27 @@ def test_bn_act_train_rejects_bad_input():
         ops.bn_act_train(x, torch.ones(4), torch.zeros(4), residual=torch.randn(2, 4, 3, 2))
 
 
-def test_unknown_and_unavailable_backends_raise():
+def test_unknown_and_unavailable_backends_raise(monkeypatch):
+    from resnet_fast import backends
+
     x, weight, bias, args = make_conv("1x1", torch.float32)
     with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
         ops.conv_bias_act(x, weight, bias, backend="cudnn")
-    with pytest.raises(RuntimeError, match="backend 'triton' is not available"):
+    monkeypatch.setattr(backends, "_TRITON_AVAILABLE", False)
+    monkeypatch.setattr(backends, "_TRITON_DETAIL", "triton does not import")
+    with pytest.raises(RuntimeError, match="backend 'triton' is not available on cpu: triton does not import"):
         ops.conv_bias_act(x, weight, bias, backend="triton")
+    assert not resnet_fast.available_backends()["triton"].available
+
+
+def test_default_backend_falls_back_to_reference_and_says_why(monkeypatch):
+    from resnet_fast import backends
+
+    monkeypatch.setattr(backends, "_EXTENSION_ERROR", "the compiled extension resnet_fast._C did not load (test)")
+    monkeypatch.setattr(backends, "_WARNED", set())
+    x, weight, bias, args = make_conv("1x1", torch.float32)
+    with pytest.warns(RuntimeWarning, match=r"did not load \(test\)\); using the reference"):
+        out = ops.conv_bias_act(x, weight, bias)
+    assert_rel(out, reference.conv_bias_act(x, weight, bias))
+    with pytest.raises(RuntimeError, match="backend 'native' is not available"):
+        ops.conv_bias_act(x, weight, bias, backend="native")

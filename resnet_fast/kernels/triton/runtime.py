@@ -1,0 +1,55 @@
+"""Where and how the Triton kernels run: interpreter or GPU, dot precision,
+and whether a launch can happen at all (it cannot on FakeTensors under the
+interpreter)."""
+import contextlib
+import os
+
+import torch
+import triton
+
+# Decided once, as triton.jit decides it: under TRITON_INTERPRET=1 every
+# @triton.jit kernel becomes an InterpretedFunction that runs on CPU tensors.
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+
+
+def autotune_enabled() -> bool:
+    """Whether the conv kernel autotunes over its configs (on a GPU; on by
+    default). RESNET_FAST_TRITON_AUTOTUNE=0 picks one fixed config instead,
+    which the GPU tests use to avoid compiling every config per shape."""
+    return os.environ.get("RESNET_FAST_TRITON_AUTOTUNE", "1") != "0"
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot's input_precision for fp32 operands: TF32 only where PyTorch's
+    own switches allow it (cuDNN's flag governs convolutions, the matmul flag
+    GEMMs; either one opts in), and never under the interpreter."""
+    if dtype != torch.float32 or INTERPRET or device.type != "cuda":
+        return "ieee"
+    if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def launchable(t: torch.Tensor) -> bool:
+    """Whether a kernel can be launched on tensors like t.
+
+    On a GPU always: wrap_triton turns a launch on FakeTensors into a traced
+    no-op. Under the interpreter the kernel would read the data, so a call
+    that only computes output metadata (the fake kernel) must skip it.
+    """
+    if not INTERPRET:
+        return True
+    return t.device.type != "meta" and not isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it t's for the
+    launches (a no-op in the usual single-device case, and while tracing
+    without CUDA initialised, when there is nothing to launch)."""
+    if t.device.type == "cuda" and torch.cuda.is_initialized() and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
