@@ -1,13 +1,13 @@
 """Per-layer: every distinct conv (+BN, +ReLU, +residual) of a ResNet, run
 the ways that matter:
 
-  eager        conv, BatchNorm, (add), ReLU as torchvision runs them
-  folded       aten conv with BN folded into weight and bias, then one (add +) ReLU
-  ours         resnet_fast.ops.conv_bias_act: the native fused kernel
-  ours+packed  the same with the weight prepacked for oneDNN (CPU only)
-  conv+epilogue aten conv, then resnet_fast.ops.bias_act (our separate epilogue)
+  eager                     conv, BatchNorm, (add), ReLU as torchvision runs them
+  folded                    aten conv with BN folded into weight and bias, then one (add +) ReLU
+  ours (native|triton)      resnet_fast.ops.conv_bias_act on each kernel backend of the device
+  conv+epilogue             aten conv, then resnet_fast.ops.bias_act (our separate epilogue)
+  ours (native, prepacked)  the native op with the weight prepacked for oneDNN (CPU only)
 
-The last three are the candidate implementations of conv_bias_act; the CPU
+On the CPU these are the candidate implementations of conv_bias_act; the
 kernel uses whichever this measures fastest.
 """
 from typing import Dict, List
@@ -18,6 +18,7 @@ import torchvision
 
 from resnet_fast import ops
 
+from .end_to_end import kernel_backends
 from .timing import compare
 
 
@@ -82,15 +83,16 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
             return torch.relu_(y.add_(residual)) if relu else y.add_(residual)
         return torch.relu_(y) if relu else y
 
-    contenders = {
-        "eager": eager,
-        "folded": folded,
-        "ours": lambda x: ops.conv_bias_act(x, weight, bias, residual, relu=relu, backend="native", **args),
-        "conv+epilogue": lambda x: ops.bias_act(F.conv2d(x, weight, None, **args), bias, residual, relu, "native"),
-    }
+    contenders = {"eager": eager, "folded": folded}
+    for backend in kernel_backends(device):
+        contenders[f"ours ({backend})"] = lambda x, backend=backend: ops.conv_bias_act(
+            x, weight, bias, residual, relu=relu, backend=backend, **args)
+    contenders["conv+epilogue"] = lambda x: ops.bias_act(F.conv2d(x, weight, None, **args), bias, residual, relu,
+                                                         "native")
     packed = ops.prepack_conv_weight(weight, s, p, d, g, x.shape) if device.type == "cpu" else None
     if packed is not None:
-        contenders["ours+packed"] = lambda x: ops.conv_bias_act(x, packed, bias, residual, relu=relu, **args)
+        contenders["ours (native, prepacked)"] = lambda x: ops.conv_bias_act(x, packed, bias, residual, relu=relu,
+                                                                            **args)
     flops = 2 * out_shape.numel() * c // g * r * r
     return contenders, x, flops
 

@@ -15,6 +15,17 @@ from .timing import compare
 BASELINE = "torchvision eager, channels_last"
 
 
+def kernel_backends(device: torch.device):
+    """resnet_fast's kernel backends that run natively on device (Triton's
+    interpreter is a test tool, not a contender)."""
+    from resnet_fast.backends import _unavailable_reason, triton_interpreted
+
+    return [
+        b for b in ("native", "triton")
+        if _unavailable_reason(b, device) is None and not (b == "triton" and triton_interpreted())
+    ]
+
+
 def _compiled(model: torch.nn.Module, device: torch.device):
     if device.type == "cpu":
         # Inductor's CPU path folds BN and prepacks oneDNN weights only when
@@ -32,15 +43,16 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
     randomize_batchnorm_(tv)  # non-trivial BN, so that the check of outputs means something
     tv = tv.eval().to(device=device, dtype=dtype)
     tv_cl = copy.deepcopy(tv).to(memory_format=torch.channels_last)
-    ours = resnet_fast.from_torchvision(tv).eval()
+    ours = {backend: resnet_fast.from_torchvision(tv, backend=backend).eval() for backend in kernel_backends(device)}
     inputs = [torch.randn(batch, 3, size, size, device=device, dtype=dtype) for _ in range(3)]
     inputs_cl = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
 
     contenders = {
         "torchvision eager, NCHW": lambda i: tv(inputs[i]),
         BASELINE: lambda i: tv_cl(inputs_cl[i]),
-        "resnet_fast": lambda i: ours(inputs_cl[i]),
     }
+    for backend, model in ours.items():
+        contenders[f"resnet_fast ({backend})"] = lambda i, model=model: model(inputs_cl[i])
     if with_compile:
         compiled = _compiled(copy.deepcopy(tv_cl), device)
         contenders["torch.compile(torchvision)" + (" freezing" if device.type == "cpu" else "")] = (

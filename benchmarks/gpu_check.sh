@@ -28,12 +28,12 @@ python setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 status+=("build: exit $?")
 tail -3 "$OUT/build.log"
 
-echo "== CUDA tests (log: $OUT/tests.log)"
-python -m pytest tests/test_cuda.py tests/test_build.py -q -ra 2>&1 | tee "$OUT/tests.log" | tail -15
+echo "== CUDA and Triton tests (log: $OUT/tests.log)"
+python -m pytest tests/test_cuda.py tests/test_triton.py tests/test_build.py -q -ra 2>&1 | tee "$OUT/tests.log" | tail -15
 status+=("cuda tests: exit ${PIPESTATUS[0]}")
 
 echo "== benchmark (log: $OUT/bench.log)"
-python -m benchmarks --device cuda --batch "${BENCH_BATCH:-256}" --dtype bfloat16 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -5
+python -m benchmarks --device cuda --models resnet50 --batch "${BENCH_BATCH:-256}" --dtype bfloat16 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -5
 status+=("benchmark: exit ${PIPESTATUS[0]}")
 
 echo "== summary"

@@ -12,7 +12,7 @@ def test_benchmark_entry_point_writes_results(tmp_path, capsys):
     (json_file,) = tmp_path.glob("*.json")
     data = json.loads(json_file.read_text())
     contenders = {r["contender"] for r in data["results"] if r["benchmark"] == "eval_forward"}
-    assert {"resnet_fast", "torchvision eager, channels_last"} <= contenders
+    assert {"resnet_fast (native)", "torchvision eager, channels_last"} <= contenders
     # resnet_fast's output is checked against torchvision in the same run.
     assert all(r["rel_err_vs_torchvision"] < 1e-4 for r in data["results"] if r["benchmark"] == "eval_forward")
     assert "Per conv layer" in capsys.readouterr().out
