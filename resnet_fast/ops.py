@@ -15,11 +15,18 @@ from torch import Tensor
 
 from . import autograd_formulas, reference
 from .backends import native_loaded, resolve_backend
+from .validation import (
+    check_activation,
+    check_bn_train_args,
+    check_channel_vector,
+    check_conv_args,
+    check_like,
+    conv_output_shape,
+)
 
 __all__ = ["conv_bias_act", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
 
 IntOrPair = Union[int, Sequence[int]]
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # Each kernel backend's operators (same schemas, csrc/ops.cpp).
@@ -37,73 +44,6 @@ def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
         raise ValueError(f"resnet_fast: {name} must be an int or a pair of ints, got {value!r}")
     return pair
-
-
-def _check_activation(t: Tensor, name: str) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"resnet_fast: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"resnet_fast: {name} must be 4-D (N, C, H, W), got {t.dim()}-D of shape {tuple(t.shape)}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"resnet_fast: {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.numel() == 0:
-        raise ValueError(f"resnet_fast: {name} is empty (shape {tuple(t.shape)})")
-
-
-def _check_like(ref: Tensor, t: Tensor, name: str, shape=None, same_dtype=True) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"resnet_fast: {name} is on {t.device} but the input is on {ref.device}")
-    if same_dtype and t.dtype != ref.dtype:
-        raise TypeError(f"resnet_fast: {name} has dtype {t.dtype} but the input has {ref.dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"resnet_fast: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-
-
-def _check_channel_vector(x: Tensor, t: Tensor, name: str, channels: int) -> None:
-    if not isinstance(t, Tensor) or not t.is_floating_point():
-        raise TypeError(f"resnet_fast: {name} must be a floating-point tensor")
-    _check_like(x, t, name, shape=(channels,), same_dtype=False)
-
-
-def conv_output_shape(x_shape, w_shape, stride, padding, dilation) -> Tuple[int, int, int, int]:
-    sizes = []
-    for d in range(2):
-        extent = dilation[d] * (w_shape[2 + d] - 1) + 1
-        if x_shape[2 + d] + 2 * padding[d] < extent:
-            raise ValueError(
-                f"resnet_fast: input of spatial size {tuple(x_shape[2:])} is smaller than the "
-                f"(dilated) kernel {tuple(w_shape[2:])} with padding {tuple(padding)}"
-            )
-        sizes.append((x_shape[2 + d] + 2 * padding[d] - extent) // stride[d] + 1)
-    return (x_shape[0], w_shape[0], sizes[0], sizes[1])
-
-
-def _check_conv(x, weight, bias, residual, stride, padding, dilation, groups):
-    _check_activation(x, "x")
-    if weight.dim() != 4:
-        raise ValueError(f"resnet_fast: weight must be 4-D (K, C/groups, R, S), got {weight.dim()}-D")
-    _check_like(x, weight, "weight")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(
-            f"resnet_fast: stride and dilation must be >= 1 and padding >= 0, got stride={stride}, "
-            f"padding={padding}, dilation={dilation}"
-        )
-    channels, out_channels = x.shape[1], weight.shape[0]
-    if not isinstance(groups, int) or groups < 1 or channels % groups or out_channels % groups:
-        raise ValueError(
-            f"resnet_fast: groups={groups} must divide the input channels ({channels}) "
-            f"and the output channels ({out_channels})"
-        )
-    if weight.shape[1] * groups != channels:
-        raise ValueError(
-            f"resnet_fast: input has {channels} channels but weight expects {weight.shape[1] * groups} "
-            f"({weight.shape[1]} per group x {groups} groups)"
-        )
-    _check_channel_vector(x, bias, "bias", out_channels)
-    out_shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
-    if residual is not None:
-        _check_like(x, residual, "residual", shape=out_shape)
-    return out_shape
 
 
 # ------------------------------------------------------------------- the ops
@@ -132,7 +72,7 @@ def conv_bias_act(
         return torch.ops.resnet_fast.conv_bias_act(
             x, weight, bias, residual, stride, padding, dilation, groups, relu
         )
-    _check_conv(x, weight, bias, residual, stride, padding, dilation, groups)
+    check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups)
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
@@ -143,10 +83,10 @@ def bias_act(
     y: Tensor, bias: Tensor, residual: Optional[Tensor] = None, relu: bool = True, backend: Optional[str] = None
 ) -> Tensor:
     """act(y + bias[c] + residual): the fused conv epilogue on its own."""
-    _check_activation(y, "y")
-    _check_channel_vector(y, bias, "bias", y.shape[1])
+    check_activation(y, "y")
+    check_channel_vector(y, bias, "bias", y.shape[1])
     if residual is not None:
-        _check_like(y, residual, "residual", shape=y.shape)
+        check_like(y, residual, "residual", shape=y.shape)
     backend = resolve_backend(backend, y.device)
     if backend == "reference":
         return reference.bias_act(y, bias, residual, relu)
@@ -179,22 +119,13 @@ def bn_act_train(
     module passes 1 / num_batches_tracked for momentum=None).
     Differentiable in x, weight, bias and residual.
     """
-    _check_activation(x, "x")
+    count = check_bn_train_args(x, weight, bias, residual)
     channels = x.shape[1]
-    _check_channel_vector(x, weight, "weight", channels)
-    _check_channel_vector(x, bias, "bias", channels)
-    if residual is not None:
-        _check_like(x, residual, "residual", shape=x.shape)
     if (running_mean is None) != (running_var is None):
         raise ValueError("resnet_fast: give both running_mean and running_var, or neither")
     if running_mean is not None:
-        _check_channel_vector(x, running_mean, "running_mean", channels)
-        _check_channel_vector(x, running_var, "running_var", channels)
-    count = x.numel() // channels
-    if count < 2:
-        raise ValueError(
-            f"resnet_fast: batch norm in training needs more than 1 value per channel, got input of shape {tuple(x.shape)}"
-        )
+        check_channel_vector(x, running_mean, "running_mean", channels)
+        check_channel_vector(x, running_var, "running_var", channels)
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         out, mean, invstd, var = reference.bn_act_train(x, weight, bias, residual, eps, relu)

@@ -21,6 +21,7 @@ from contextlib import contextmanager  # noqa: E402
 import pytest  # noqa: E402
 
 from resnet_fast import reference  # noqa: E402
+from resnet_fast.validation import conv_output_shape  # noqa: E402
 from resnet_fast.kernels import triton as triton_kernels  # noqa: E402
 
 from conftest import ELEM_TOL, assert_rel, channels_last  # noqa: E402
@@ -106,7 +107,7 @@ def make_conv(case, dtype):
 
 
 def conv_out_shape(x, weight, args):
-    return conv.output_shape(x.shape, weight.shape, args["stride"], args["padding"], args["dilation"])
+    return conv_output_shape(x.shape, weight.shape, args["stride"], args["padding"], args["dilation"])
 
 
 def run_conv(x, weight, bias, residual, args, relu):

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .checks import PREFIX, check_activation, check_channel_vector, check_like
+from .checks import check_activation, check_bn_train_args, check_channel_vector, check_like
 from .epilogue import check_grad_pair, relu_grad_partial_sums_kernel
 from .reduction import plan_rows, sum_rows
 from .runtime import device_guard, launchable
@@ -188,15 +188,6 @@ def _fp32_vectors(count: int, channels: int, device: torch.device):
     return [torch.empty(channels, dtype=torch.float32, device=device) for _ in range(count)]
 
 
-def _check_count(x: torch.Tensor) -> int:
-    rows = x.numel() // x.shape[1]
-    if rows < 2:
-        raise ValueError(
-            f"{PREFIX} batch norm in training needs more than 1 value per channel, got input of shape {tuple(x.shape)}"
-        )
-    return rows
-
-
 def bn_act_train(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -207,13 +198,8 @@ def bn_act_train(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out, save_mean, save_invstd, batch_var) as resnet_fast.reference.bn_act_train;
     out is channels_last in x's dtype, the statistics fp32 [C]."""
-    check_activation(x, "x")
+    rows = check_bn_train_args(x, weight, bias, residual)
     channels = x.shape[1]
-    check_channel_vector(x, weight, "weight", channels)
-    check_channel_vector(x, bias, "bias", channels)
-    if residual is not None:
-        check_like(x, residual, "residual", shape=x.shape)
-    rows = _check_count(x)
     tiling = plan_rows(rows, channels)
     channel_tiles = triton.cdiv(channels, tiling.block_c)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -262,7 +248,7 @@ def bn_act_backward(
     channels = x.shape[1]
     for name, t in (("weight", weight), ("save_mean", save_mean), ("save_invstd", save_invstd)):
         check_channel_vector(x, t, name, channels)
-    rows = _check_count(x)
+    rows = x.numel() // channels
     tiling = plan_rows(rows, channels)
     channel_tiles = triton.cdiv(channels, tiling.block_c)
     grad_out = grad_out.contiguous(memory_format=torch.channels_last)

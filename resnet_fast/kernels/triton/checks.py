@@ -1,24 +1,28 @@
-"""Argument checks shared by the launchers, so that a direct call through
-torch.ops.resnet_fast_triton fails with a message instead of a bad launch."""
-from typing import Optional, Sequence
+"""Argument checks of the Triton launchers, so that a direct call through
+torch.ops.resnet_fast_triton fails with a message instead of a bad launch:
+the op layer's checks (resnet_fast.validation) under this backend's name,
+plus where the kernels can run."""
+from functools import partial
 
 import torch
 
+from ...validation import check_bn_train_args as _check_bn_train_args
+from ...validation import check_activation as _check_activation
+from ...validation import check_channel_vector as _check_channel_vector
+from ...validation import check_conv_args as _check_conv_args
+from ...validation import check_like as _check_like
+from ...validation import conv_output_shape as _conv_output_shape
 from .runtime import INTERPRET
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PREFIX = "resnet_fast_triton:"
+
+check_like = partial(_check_like, prefix=PREFIX)
+check_channel_vector = partial(_check_channel_vector, prefix=PREFIX)
+conv_output_shape = partial(_conv_output_shape, prefix=PREFIX)
 
 
 def check_activation(t: torch.Tensor, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{PREFIX} {name} must be a Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{PREFIX} {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{PREFIX} {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.numel() == 0:
-        raise ValueError(f"{PREFIX} {name} is empty (shape {tuple(t.shape)})")
+    _check_activation(t, name, PREFIX)
     if not INTERPRET and t.device.type not in ("cuda", "meta"):
         raise ValueError(
             f"{PREFIX} {name} is on {t.device}; the Triton kernels run on CUDA tensors "
@@ -26,25 +30,11 @@ def check_activation(t: torch.Tensor, name: str) -> None:
         )
 
 
-def check_like(
-    ref: torch.Tensor,
-    t: torch.Tensor,
-    name: str,
-    shape: Optional[Sequence[int]] = None,
-    same_dtype: bool = True,
-) -> None:
-    """t is on ref's device, has ref's dtype (when asked) and the given shape."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{PREFIX} {name} must be a Tensor, got {type(t).__name__}")
-    if t.device != ref.device:
-        raise ValueError(f"{PREFIX} {name} is on {t.device} but the input is on {ref.device}")
-    if same_dtype and t.dtype != ref.dtype:
-        raise TypeError(f"{PREFIX} {name} has dtype {t.dtype} but the input has {ref.dtype}")
-    if not same_dtype and not t.is_floating_point():
-        raise TypeError(f"{PREFIX} {name} must be a floating-point tensor, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{PREFIX} {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+def check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups):
+    check_activation(x, "x")
+    return _check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups, prefix=PREFIX)
 
 
-def check_channel_vector(ref: torch.Tensor, t: torch.Tensor, name: str, channels: int) -> None:
-    check_like(ref, t, name, shape=(channels,), same_dtype=False)
+def check_bn_train_args(x, weight, bias, residual) -> int:
+    check_activation(x, "x")
+    return _check_bn_train_args(x, weight, bias, residual, prefix=PREFIX)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .checks import PREFIX, check_activation, check_channel_vector, check_like
+from .checks import PREFIX, check_conv_args
 from .runtime import INTERPRET, autotune_enabled, device_guard, dot_precision, launchable
 
 # Below this many input channels per group the flat reduction wastes less.
@@ -155,49 +155,8 @@ _conv_fixed = triton.autotune(
 )(_conv_bias_act_kernel)
 
 
-def output_shape(
-    x_shape: Sequence[int], w_shape: Sequence[int], stride, padding, dilation
-) -> Tuple[int, int, int, int]:
-    sizes = []
-    for d in range(2):
-        extent = dilation[d] * (w_shape[2 + d] - 1) + 1
-        if x_shape[2 + d] + 2 * padding[d] < extent:
-            raise ValueError(
-                f"{PREFIX} input of spatial size {tuple(x_shape[2:])} is smaller than the "
-                f"(dilated) kernel {tuple(w_shape[2:])} with padding {tuple(padding)}"
-            )
-        sizes.append((x_shape[2 + d] + 2 * padding[d] - extent) // stride[d] + 1)
-    return (x_shape[0], w_shape[0], sizes[0], sizes[1])
-
-
 def _check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups):
-    check_activation(x, "x")
-    check_like(x, weight, "weight")
-    if weight.dim() != 4:
-        raise ValueError(f"{PREFIX} weight must be 4-D (K, C/groups, R, S), got shape {tuple(weight.shape)}")
-    for name, pair in (("stride", stride), ("padding", padding), ("dilation", dilation)):
-        if len(pair) != 2:
-            raise ValueError(f"{PREFIX} {name} must have 2 values, got {list(pair)}")
-    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
-        raise ValueError(
-            f"{PREFIX} stride and dilation must be >= 1 and padding >= 0, got stride={list(stride)}, "
-            f"padding={list(padding)}, dilation={list(dilation)}"
-        )
-    channels, out_channels = x.shape[1], weight.shape[0]
-    if groups < 1 or channels % groups or out_channels % groups:
-        raise ValueError(
-            f"{PREFIX} groups={groups} must divide the input channels ({channels}) "
-            f"and the output channels ({out_channels})"
-        )
-    if weight.shape[1] * groups != channels:
-        raise ValueError(
-            f"{PREFIX} input has {channels} channels but weight expects {weight.shape[1] * groups} "
-            f"({weight.shape[1]} per group x {groups} groups)"
-        )
-    check_channel_vector(x, bias, "bias", out_channels)
-    out_shape = output_shape(x.shape, weight.shape, stride, padding, dilation)
-    if residual is not None:
-        check_like(x, residual, "residual", shape=out_shape)
+    out_shape = check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups)
     if INTERPRET and x.dtype == torch.bfloat16:
         raise NotImplementedError(
             f"{PREFIX} bfloat16 convolution needs a GPU: the Triton interpreter does not simulate bf16 tl.dot"

@@ -1,0 +1,105 @@
+"""Argument checks of the fused ops, shared by the op layer (resnet_fast.ops)
+and the Triton launchers (so a direct torch.ops call is checked too). Every
+error names the argument and what was expected; `prefix` says who raised it.
+"""
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PREFIX = "resnet_fast:"
+
+
+def check_activation(t: Tensor, name: str, prefix: str = PREFIX) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{prefix} {name} must be a Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{prefix} {name} must be 4-D (N, C, H, W), got {t.dim()}-D of shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{prefix} {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.numel() == 0:
+        raise ValueError(f"{prefix} {name} is empty (shape {tuple(t.shape)})")
+
+
+def check_like(ref: Tensor, t: Tensor, name: str, shape: Optional[Sequence[int]] = None,
+               same_dtype: bool = True, prefix: str = PREFIX) -> None:
+    """t is a tensor on ref's device, with ref's dtype (or, when not
+    same_dtype, any floating dtype) and the given shape."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{prefix} {name} must be a Tensor, got {type(t).__name__}")
+    if t.device != ref.device:
+        raise ValueError(f"{prefix} {name} is on {t.device} but the input is on {ref.device}")
+    if same_dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{prefix} {name} has dtype {t.dtype} but the input has {ref.dtype}")
+    if not same_dtype and not t.is_floating_point():
+        raise TypeError(f"{prefix} {name} must be a floating-point tensor, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{prefix} {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+
+
+def check_channel_vector(ref: Tensor, t: Tensor, name: str, channels: int, prefix: str = PREFIX) -> None:
+    """One floating-point value per channel, on ref's device."""
+    check_like(ref, t, name, shape=(channels,), same_dtype=False, prefix=prefix)
+
+
+def conv_output_shape(x_shape, w_shape, stride, padding, dilation, prefix: str = PREFIX) -> Tuple[int, int, int, int]:
+    sizes = []
+    for d in range(2):
+        extent = dilation[d] * (w_shape[2 + d] - 1) + 1
+        if x_shape[2 + d] + 2 * padding[d] < extent:
+            raise ValueError(
+                f"{prefix} input of spatial size {tuple(x_shape[2:])} is smaller than the "
+                f"(dilated) kernel {tuple(w_shape[2:])} with padding {tuple(padding)}"
+            )
+        sizes.append((x_shape[2 + d] + 2 * padding[d] - extent) // stride[d] + 1)
+    return (x_shape[0], w_shape[0], sizes[0], sizes[1])
+
+
+def check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups,
+                    prefix: str = PREFIX) -> Tuple[int, int, int, int]:
+    """Every argument of conv_bias_act; returns the output shape."""
+    check_activation(x, "x", prefix)
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"{prefix} weight must be a 4-D tensor (K, C/groups, R, S), got {getattr(weight, 'shape', weight)}")
+    check_like(x, weight, "weight", prefix=prefix)
+    for name, pair in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if len(pair) != 2:
+            raise ValueError(f"{prefix} {name} must have 2 values, got {list(pair)}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"{prefix} stride and dilation must be >= 1 and padding >= 0, got stride={tuple(stride)}, "
+            f"padding={tuple(padding)}, dilation={tuple(dilation)}"
+        )
+    channels, out_channels = x.shape[1], weight.shape[0]
+    if not isinstance(groups, int) or groups < 1 or channels % groups or out_channels % groups:
+        raise ValueError(
+            f"{prefix} groups={groups} must divide the input channels ({channels}) "
+            f"and the output channels ({out_channels})"
+        )
+    if weight.shape[1] * groups != channels:
+        raise ValueError(
+            f"{prefix} input has {channels} channels but weight expects {weight.shape[1] * groups} "
+            f"({weight.shape[1]} per group x {groups} groups)"
+        )
+    check_channel_vector(x, bias, "bias", out_channels, prefix)
+    out_shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation, prefix)
+    if residual is not None:
+        check_like(x, residual, "residual", shape=out_shape, prefix=prefix)
+    return out_shape
+
+
+def check_bn_train_args(x, weight, bias, residual, prefix: str = PREFIX) -> int:
+    """Every argument of bn_act_train; returns the values per channel (N*H*W)."""
+    check_activation(x, "x", prefix)
+    channels = x.shape[1]
+    check_channel_vector(x, weight, "weight", channels, prefix)
+    check_channel_vector(x, bias, "bias", channels, prefix)
+    if residual is not None:
+        check_like(x, residual, "residual", shape=x.shape, prefix=prefix)
+    count = x.numel() // channels
+    if count < 2:
+        raise ValueError(
+            f"{prefix} batch norm in training needs more than 1 value per channel, got input of shape {tuple(x.shape)}"
+        )
+    return count
