@@ -45,7 +45,8 @@ class FoldCache:
 
     The key holds the storage address, version counter, dtype and device of
     every source tensor, so an optimizer step, an in-place edit,
-    load_state_dict or .to() all invalidate it. Folding is never cached while
+    load_state_dict or .to() all invalidate it. Edits through `.data` do not
+    bump the version counter: clear_fold_caches() after those. Folding is never cached while
     autograd needs to flow into the sources (fine-tuning with frozen BN), or
     while torch.compile traces (the compiled graph folds by itself).
 
@@ -62,6 +63,11 @@ class FoldCache:
         self._folded: Optional[Tuple[Tensor, Tensor]] = None
         self._packed: "OrderedDict[Tuple[int, ...], Tensor]" = OrderedDict()
         self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key, self._folded = None, None
+            self._packed.clear()
 
     # Copies and pickles of a model start with an empty cache.
     def __getstate__(self):
@@ -116,6 +122,19 @@ def fold_cache(owner: nn.Module, name: str) -> Optional[FoldCache]:
     if cache is None:
         cache = caches[name] = FoldCache()
     return cache
+
+
+def clear_fold_caches(module: nn.Module) -> None:
+    """Drop every cached folded weight below module.
+
+    Needed only after editing weights or BN buffers through `.data` (or
+    another path that bypasses PyTorch's version counter, which the caches
+    watch); optimizer steps, in-place edits under torch.no_grad(),
+    load_state_dict and .to() are detected without it.
+    """
+    for m in module.modules():
+        for cache in m.__dict__.get("_fold_caches", {}).values():
+            cache.clear()
 
 
 def _fold(conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:

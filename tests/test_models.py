@@ -161,6 +161,18 @@ def test_fold_cache_follows_every_weight_change():
     _assert_eval_matches_torchvision(ours, x.bfloat16(), factor=1e3)  # bf16 tolerance
 
 
+def test_edits_through_data_need_clear_fold_caches():
+    """.data bypasses PyTorch's version counter: clear_fold_caches() is the
+    documented way to make such edits visible."""
+    _, ours = pair("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 48, 48)
+    _assert_eval_matches_torchvision(ours, x)
+    ours.layer1[0].bn1.running_var.data.mul_(4.0)
+    ours.layer2[1].conv1.weight.data.mul_(-1.0)
+    resnet_fast.clear_fold_caches(ours)
+    _assert_eval_matches_torchvision(ours, x)
+
+
 def test_fold_cache_is_not_in_state_dict_and_survives_copies():
     _, ours = pair("resnet18")
     x = torch.randn(1, 3, 32, 32)
