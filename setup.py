@@ -84,13 +84,22 @@ def _sources(*patterns):
     )
 
 
+def _openmp_flags():
+    """at::parallel_for is inline: without OpenMP in *this* build the CPU
+    kernels would run on one thread, whatever torch's thread count."""
+    if sys.platform.startswith("linux") and torch.__config__.parallel_info().find("OpenMP") >= 0:
+        return ["-fopenmp"]
+    return []
+
+
 def _extension():
-    cxx_flags = ["-O3"]
+    cxx_flags = ["-O3"] + _openmp_flags()
+    link_flags = _openmp_flags()
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     if not _want_cuda():
         return cpp_extension.CppExtension(
             "resnet_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx_flags},
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
@@ -99,6 +108,7 @@ def _extension():
         sources + _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu"),
         include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_include_dirs(),
         define_macros=[("RESNET_FAST_WITH_CUDA", None)],
+        extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"],

@@ -367,3 +367,23 @@ def test_default_backend_falls_back_to_reference_and_says_why(monkeypatch):
     assert_rel(out, reference.conv_bias_act(x, weight, bias))
     with pytest.raises(RuntimeError, match="backend 'native' is not available"):
         ops.conv_bias_act(x, weight, bias, backend="native")
+
+
+@needs_native
+def test_native_bn_results_do_not_depend_on_the_thread_count():
+    """Partial sums over fixed-size row chunks, combined in a fixed order:
+    bitwise the same results on 1 thread and on several."""
+    x, weight, bias = _bn_inputs((4, 16, 20, 20), torch.float32)  # 1600 rows: several chunks
+    grad = torch.randn(x.shape)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, max(2, saved)):
+            torch.set_num_threads(threads)
+            out, mean, invstd, var = torch.ops.resnet_fast.bn_act_train(x, weight, bias, None, 1e-5, True)
+            results.append((out, mean, invstd, var) + tuple(
+                torch.ops.resnet_fast.bn_act_backward(grad, x, out, weight, mean, invstd, True)))
+    finally:
+        torch.set_num_threads(saved)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

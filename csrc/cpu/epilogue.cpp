@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_backward(const at::Tensor& grad_out,
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* op = o.data_ptr<scalar_t>();
     scalar_t* zp = relu ? grad_z.data_ptr<scalar_t>() : nullptr;
-    sums = reduce_channels<1>(M, C, [&](int64_t m, double* acc) {
+    sums = reduce_channels<1>(M, C, [&](int64_t m, float* acc) {
       for (int64_t c = 0; c < C; ++c) acc[c] += relu_grad(gp, op, zp, m * C + c, relu);
     });
   });
