@@ -25,6 +25,7 @@ from resnet_fast.validation import conv_output_shape  # noqa: E402
 from resnet_fast.kernels import triton as triton_kernels  # noqa: E402
 
 from conftest import ELEM_TOL, assert_rel, channels_last  # noqa: E402
+from test_ops import CONV_CASES as OP_CONV_CASES  # noqa: E402
 
 AVAILABLE, REASON = triton_kernels.triton_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"Triton kernels unavailable: {REASON}")
@@ -79,21 +80,15 @@ def randn(*shape, dtype=torch.float32, scale=1.0, shift=0.0):
 
 # ---------------------------------------------------------------- conv
 
-# (N, C, H, W, K, kernel, stride, padding, dilation, groups). Under the
-# interpreter the tiles are 32 pixels x 32 output channels x 16 input
-# channels, so these cross tile edges and leave channel tails.
+# The conv kinds of tests/test_ops.py, plus shapes that matter to the tiling:
+# under the interpreter the tiles are 32 pixels x 32 output channels x 16
+# input channels, so these cross tile edges and leave channel tails.
 CONV_CASES = {
-    "stem7x7s2_C3": (2, 3, 23, 19, 16, 7, 2, 3, 1, 1),
-    "3x3s1_batch1": (1, 8, 9, 11, 12, 3, 1, 1, 1, 1),
-    "3x3s2_odd": (2, 6, 13, 7, 10, 3, 2, 1, 1, 1),
+    **OP_CONV_CASES,
     "3x3s1_C40_K36": (1, 40, 7, 5, 36, 3, 1, 1, 1, 1),
-    "1x1": (3, 16, 5, 5, 24, 1, 1, 0, 1, 1),
-    "1x1s2_downsample": (2, 20, 9, 10, 40, 1, 2, 0, 1, 1),
-    "grouped": (2, 16, 7, 9, 16, 3, 1, 1, 1, 4),
-    "grouped_s2": (1, 12, 11, 11, 24, 3, 2, 1, 1, 3),
+    "1x1s2_C20_K40": (2, 20, 9, 10, 40, 1, 2, 0, 1, 1),
     "grouped_wide": (1, 40, 6, 5, 24, 3, 1, 1, 1, 2),
     "depthwise": (1, 8, 6, 7, 8, 3, 1, 1, 1, 8),
-    "dilated": (2, 8, 12, 10, 8, 3, 1, 2, 2, 1),
 }
 
 

@@ -22,7 +22,7 @@ from torch.library import wrap_triton
 
 from .checks import check_activation, check_bn_train_args, check_channel_vector, check_like
 from .epilogue import check_grad_pair, relu_grad_partial_sums_kernel
-from .reduction import plan_rows, sum_rows
+from .reduction import nhwc_tile, plan_rows, sum_rows
 from .runtime import device_guard, launchable
 
 
@@ -112,11 +112,7 @@ def _apply_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
-    mask = (rows < M)[:, None] & c_ok[None, :]
-    offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    cols, c_ok, mask, offsets = nhwc_tile(M, C, BLOCK_M, BLOCK_C)
     scale = tl.load(scale_ptr + cols, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + cols, mask=c_ok, other=0.0)
     z = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * scale[None, :] + shift[None, :]
@@ -164,11 +160,7 @@ def _grad_input_kernel(
     M, C,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cols < C
-    mask = (rows < M)[:, None] & c_ok[None, :]
-    offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    cols, c_ok, mask, offsets = nhwc_tile(M, C, BLOCK_M, BLOCK_C)
     mean = tl.load(mean_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
     invstd = tl.load(invstd_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)
     coef_scale = tl.load(coef_scale_ptr + cols, mask=c_ok, other=0.0)

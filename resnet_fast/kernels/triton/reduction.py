@@ -51,3 +51,16 @@ def _add(a, b):
 def sum_rows(x):
     """x summed over axis 0 (what tl.sum(x, axis=0) computes)."""
     return tl.reduce(x, 0, _add)
+
+
+@triton.jit
+def nhwc_tile(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_C] tile of an [M, C] matrix (grid: row
+    tiles x channel tiles): its channel indices and their mask, the tile's
+    mask and its element offsets (int64: M * C can pass 2**31)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    mask = (rows < M)[:, None] & c_ok[None, :]
+    offsets = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    return cols, c_ok, mask, offsets
