@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .backends import resolve_backend
+from .sync_batchnorm import sync_bn_act_train, sync_is_active
 
 
 def is_frozen_bn(norm: nn.Module) -> bool:
@@ -27,6 +28,10 @@ def is_frozen_bn(norm: nn.Module) -> bool:
     return type(norm).__name__ == "FrozenBatchNorm2d" and all(
         hasattr(norm, name) for name in ("weight", "bias", "running_mean", "running_var", "eps")
     )
+
+
+# SyncBatchNorm on one rank (or in eval) is plain BatchNorm.
+_BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
@@ -166,9 +171,11 @@ def conv_norm_act(
     (any other conv or norm module runs as it is)."""
     if not _fusable_conv(conv):
         return _unfused(conv, norm, x, residual, relu)
-    if isinstance(norm, nn.BatchNorm2d) and _uses_batch_stats(norm):
+    if sync_is_active(norm):
+        return sync_bn_act_train(norm, conv(x), residual, relu)
+    if isinstance(norm, _BATCH_NORMS) and _uses_batch_stats(norm):
         return _conv_bn_train(conv, norm, x, residual, relu, backend)
-    if isinstance(norm, nn.BatchNorm2d) or is_frozen_bn(norm):
+    if isinstance(norm, _BATCH_NORMS) or is_frozen_bn(norm):
         resolved = resolve_backend(backend, x.device)
         prepack = resolved == "native" and x.device.type == "cpu" and not x.requires_grad
         if cache is None:
