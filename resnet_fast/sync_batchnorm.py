@@ -15,10 +15,27 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training statistics span every rank of
+    `process_group` (default: the whole world). Unlike nn.SyncBatchNorm it
+    runs on the CPU (gloo) as well as on GPUs, and it is a BatchNorm2d, so
+    eval mode folds it like any other. Same state_dict keys."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group=None, device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def forward(self, x: Tensor) -> Tensor:
+        if sync_is_active(self):
+            return sync_bn_act_train(self, x, None, False)
+        return super().forward(x)
+
+
 def sync_is_active(bn: nn.Module) -> bool:
-    """True when `bn` is an nn.SyncBatchNorm in training mode with more than
-    one rank to synchronise with."""
-    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training):
+    """True when `bn` is a synchronised BatchNorm in training mode with more
+    than one rank to synchronise with."""
+    if not (isinstance(bn, (SyncBatchNorm2d, nn.SyncBatchNorm)) and bn.training):
         return False
     if not (dist.is_available() and dist.is_initialized()):
         return False
@@ -82,7 +99,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
                 grad_residual, None, None, None)
 
 
-def sync_bn_act_train(bn: nn.SyncBatchNorm, x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+def sync_bn_act_train(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
     """act(sync_batch_norm(x) + residual) with statistics over bn's process
     group; updates bn's running statistics as nn.SyncBatchNorm does."""
     group = bn.process_group or dist.group.WORLD
@@ -100,6 +117,21 @@ def sync_bn_act_train(bn: nn.SyncBatchNorm, x: Tensor, residual: Optional[Tensor
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Every BatchNorm2d below `module` as nn.SyncBatchNorm (same state_dict
-    keys); resnet_fast runs them on the synchronised fused path above."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    """`module` with every nn.BatchNorm2d below it replaced by a
+    SyncBatchNorm2d holding the same parameters and statistics (in place for
+    children; the new module is returned when `module` itself is one)."""
+    if type(module) is nn.BatchNorm2d:
+        sync = SyncBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats, process_group)
+        sync.load_state_dict(module.state_dict())
+        sync.to(device=module.running_mean.device if module.running_mean is not None else None)
+        if module.weight is not None:
+            sync.weight.requires_grad_(module.weight.requires_grad)
+            sync.bias.requires_grad_(module.bias.requires_grad)
+        sync.train(module.training)
+        return sync
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child, process_group)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import ELEM_TOL, channels_last
 from resnet_fast.layers import conv_norm_act
-from resnet_fast.sync_batchnorm import convert_sync_batchnorm
+from resnet_fast.sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 
 WORLD = 2
 
@@ -90,7 +90,7 @@ def test_single_rank_sync_batchnorm_is_plain_batchnorm():
     expected = _run(x, conv, bn, residual, grad_out)
     x2, conv2, bn2, _, _ = _problem(True)
     sync = convert_sync_batchnorm(nn.Sequential(conv2, bn2))
-    assert isinstance(sync[1], nn.SyncBatchNorm)
+    assert isinstance(sync[1], SyncBatchNorm2d)
     got = _run(x2, sync[0], sync[1], residual, grad_out)
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, msg=lambda m, k=key: f"{k}: {m}")

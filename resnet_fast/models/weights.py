@@ -1,7 +1,7 @@
 """Reading weights files safely (no download, no arbitrary unpickling) and
 loading them with errors that say exactly what does not fit."""
 import os
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -80,12 +80,18 @@ def read_state_dict(weights: WeightsSource) -> Dict[str, Tensor]:
     return dict(data)
 
 
-def load_weights(model: nn.Module, weights: WeightsSource) -> nn.Module:
+def load_weights(model: nn.Module, weights: WeightsSource, exclude: Sequence[str] = ()) -> nn.Module:
     """Load weights into model strictly, listing every missing, unexpected or
-    mis-shaped key when they do not fit."""
-    state = read_state_dict(weights)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    mis-shaped key when they do not fit. Keys starting with a prefix in
+    `exclude` (e.g. "fc." to keep a new head) are left out on both sides.
+
+    A BatchNorm's num_batches_tracked may be absent from the file (files
+    saved from FrozenBatchNorm2d layers have none), as torch itself allows.
+    """
+    exclude = tuple(exclude)
+    state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith(exclude)}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(exclude)}
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -99,5 +105,5 @@ def load_weights(model: nn.Module, weights: WeightsSource) -> nn.Module:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
                 parts.append(f"{title} ({len(items)}): {shown}")
         raise ValueError(f"weights do not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not exclude)
     return model
