@@ -91,6 +91,15 @@ def test_freeze_modes_leave_the_frozen_parts_unchanged(pretrained, tmp_path, fre
     assert not {k for k in changed if frozen(k)}, f"frozen tensors changed: {sorted(k for k in changed if frozen(k))}"
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_training_runs(tmp_path, amp):
+    assert _run_cli("train", "--data", "digits:0-1", "--epochs", "1", "--train-limit", "16", "--amp", amp,
+                    "--output", str(tmp_path), *FAST) == 0
+    record = _last_record(tmp_path)
+    assert torch.isfinite(torch.tensor(record["train_loss"])) and record["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path).values() if v.is_floating_point())
+
+
 def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     args = ["-m", "resnet_fast", "train", "--epochs", "4", "--train-limit", "12", "--batch-size", "10",
             "--image-size", "16", "--no-progress"]

@@ -150,6 +150,7 @@ def _train(args, ctx) -> Dict:
         logits, targets, unreadable = predict_logits(unwrap(model), val_loader, ctx.device, args.amp)
         _report_unreadable(ctx, unreadable, f"{args.data}/val")
         report = classification_report(logits, targets, val_split.class_names)
+        improved = report["top1"] > best
         best = max(best, report["top1"])
         record = {"epoch": epoch + 1, **stats, "val_acc1": report["top1"], "val_acc5": report["top5"],
                   "val_macro_f1": report["macro_f1"], "lr": optimizer.param_groups[0]["lr"],
@@ -162,9 +163,10 @@ def _train(args, ctx) -> Dict:
             if writer is not None:
                 for key in ("train_loss", "train_acc1", "val_acc1", "val_acc5", "images_per_s", "lr"):
                     writer.add_scalar(key, record[key], epoch + 1)
-            save_checkpoint(os.path.join(out_dir, "last.pt"), model=model, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, epoch=epoch + 1, class_names=train_split.class_names, config=config,
-                            preprocess=pre.as_dict(), best_acc1=best)
+            for name in ("last.pt", "best.pt") if improved else ("last.pt",):
+                save_checkpoint(os.path.join(out_dir, name), model=model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, epoch=epoch + 1, class_names=train_split.class_names, config=config,
+                                preprocess=pre.as_dict(), best_acc1=best)
         distributed.barrier()
     if writer is not None:
         writer.close()
