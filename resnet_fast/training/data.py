@@ -278,7 +278,7 @@ class Transformed(Dataset):
         if self.seed is None:
             return self.transform(image), target
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i) % 2**63)
             return self.transform(image), target
 
 
