@@ -16,3 +16,20 @@ def test_benchmark_entry_point_writes_results(tmp_path, capsys):
     # resnet_fast's output is checked against torchvision in the same run.
     assert all(r["rel_err_vs_torchvision"] < 1e-4 for r in data["results"] if r["benchmark"] == "eval_forward")
     assert "Per conv layer" in capsys.readouterr().out
+
+
+def test_pytest_benchmarks_run_and_check_their_outputs():
+    """`pytest benchmarks/` (pytest-benchmark) with timing disabled: every
+    contender runs once and its output is checked against eager PyTorch."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "RESNET_FAST_BENCH_BATCH": "1", "RESNET_FAST_BENCH_SIZE": "32"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "benchmarks/", "--benchmark-disable", "-q", "-p", "no:cacheprovider"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
