@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     stem = save(args.out, env, rows)
     print()
     print(markdown(env, rows))
-    print(f"\nresults: {stem}.json, {stem}.md")
+    print(f"\nresults: {stem}.json, {stem}.md, {stem}.png")
     return 0
 
 

@@ -68,7 +68,9 @@ def markdown(env: Dict, rows: List[Dict]) -> str:
 
 
 def save(out_dir: str, env: Dict, rows: List[Dict]) -> str:
-    """Write <out_dir>/<device>-<card>-<date>.{json,md}; returns the stem."""
+    """Write <out_dir>/<device>-<card>-<date>.{json,md,png}; returns the stem."""
+    from .plot import save_png
+
     os.makedirs(out_dir, exist_ok=True)
     card = re.sub(r"[^a-z0-9]+", "-", env["card"].lower()).strip("-")[:40]
     stem = os.path.join(out_dir, f"{env['device']}-{card}-{env['date'][:10]}")
@@ -76,4 +78,6 @@ def save(out_dir: str, env: Dict, rows: List[Dict]) -> str:
         json.dump({"environment": env, "results": rows}, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(markdown(env, rows))
+    if rows:
+        save_png(env, rows, stem + ".png")
     return stem

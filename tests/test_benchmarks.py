@@ -16,6 +16,8 @@ def test_benchmark_entry_point_writes_results(tmp_path, capsys):
     # resnet_fast's output is checked against torchvision in the same run.
     assert all(r["rel_err_vs_torchvision"] < 1e-4 for r in data["results"] if r["benchmark"] == "eval_forward")
     assert "Per conv layer" in capsys.readouterr().out
+    (png,) = tmp_path.glob("*.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pytest_benchmarks_run_and_check_their_outputs():
