@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, tuning
 from .backends import resolve_backend
 from .sync_batchnorm import sync_bn_act_train, sync_is_active
 
@@ -176,6 +176,8 @@ def conv_norm_act(
     if isinstance(norm, _BATCH_NORMS) and _uses_batch_stats(norm):
         return _conv_bn_train(conv, norm, x, residual, relu, backend)
     if isinstance(norm, _BATCH_NORMS) or is_frozen_bn(norm):
+        if backend is None:  # a measured choice for this layer, when resnet_fast.tune() made one
+            backend = tuning.planned_backend(conv, norm, x, residual, relu)
         resolved = resolve_backend(backend, x.device)
         prepack = resolved == "native" and x.device.type == "cpu" and not x.requires_grad
         if cache is None:
