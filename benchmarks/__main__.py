@@ -1,14 +1,14 @@
 """Run the benchmarks on whatever device this machine has and print the table.
 
     python -m benchmarks                 # defaults for the device found
-    python -m benchmarks --models resnet50 --batch 32 --dtype bfloat16
+    python -m benchmarks --models resnet50 --batches 1,32,256 --dtype bfloat16
 """
 import argparse
 import sys
 
 import torch
 
-from . import conv_layers, end_to_end
+from . import ceiling, conv_layers, end_to_end, train_step
 from .environment import describe
 from .report import markdown, save
 
@@ -20,7 +20,14 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--models", default="resnet18,resnet50", help="comma-separated torchvision builder names")
-    parser.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 32 on GPU")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch of the per-layer runs (default: 8 on CPU, 32 on GPU)")
+    parser.add_argument("--batches", default=None,
+                        help="comma-separated eval batches of the whole-model runs (default: 1,8 on CPU, 1,32,256 on GPU)")
+    parser.add_argument("--train-batch", type=int, default=None,
+                        help="batch of the training-step run (default: 8 on CPU, 128 on GPU; 0 skips it)")
+    parser.add_argument("--train-size", type=int, default=None, help="image size of the training step "
+                        "(default: 112 on CPU, --size on GPU)")
     parser.add_argument("--size", type=int, default=224, help="image height and width")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--layers", default="resnet50", help="model whose conv layers to time one by one ('' to skip)")
@@ -30,6 +37,15 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be at least 1")
+    if args.batches is not None:
+        try:
+            args.batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+        if not args.batches or min(args.batches) < 1:
+            parser.error("--batches must be positive")
+    if args.train_batch is not None and args.train_batch < 0:
+        parser.error("--train-batch must be at least 0")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
@@ -42,16 +58,31 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
-    batch = args.batch or (8 if device.type == "cpu" else 32)
+    gpu = device.type == "cuda"
+    batch = args.batch or (32 if gpu else 8)
+    batches = args.batches or ([1, 32, 256] if gpu else [1, 8])
+    train_batch = (128 if gpu else 8) if args.train_batch is None else args.train_batch
+    train_size = args.train_size or (args.size if gpu else 112)
     dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
     env = describe(device)
-    env["settings"] = vars(args) | {"batch": batch, "dtype": str(dtype)}
-    print(f"benchmarking on {env['card']} ({device.type}), batch {batch}, {dtype}", flush=True)
+    env["settings"] = vars(args) | {"batch": batch, "batches": batches, "train_batch": train_batch,
+                                    "train_size": train_size, "dtype": str(dtype)}
+    print(f"benchmarking on {env['card']} ({device.type}), {dtype}", flush=True)
+    env["ceiling"] = ceiling.measure(device)
+    print(f"  ceiling: {env['ceiling']['matmul_tflops']:.1f} TFLOP/s {env['ceiling']['matmul_dtype']} matmul, "
+          f"{env['ceiling']['copy_gb_per_s']:.0f} GB/s copy", flush=True)
 
     rows = []
     for arch in filter(None, args.models.split(",")):
-        print(f"  eval forward: {arch}", flush=True)
-        rows += end_to_end.run(arch, batch, args.size, dtype, device, not args.no_compile, args.repeats)
+        flops = end_to_end.flops_per_image(arch, args.size)
+        for b in batches:
+            print(f"  eval forward: {arch}, batch {b}", flush=True)
+            rows += end_to_end.run(arch, b, args.size, dtype, device, not args.no_compile, args.repeats,
+                                   flops, env["ceiling"])
+        if train_batch:
+            print(f"  train step: {arch}, batch {train_batch}, {train_size}x{train_size}", flush=True)
+            rows += train_step.run(arch, train_batch, train_size, dtype, device, args.repeats,
+                                   end_to_end.flops_per_image(arch, train_size), env["ceiling"])
     if args.layers:
         print(f"  per conv layer: {args.layers}", flush=True)
         rows += conv_layers.run(args.layers, batch, args.size, dtype, device, args.repeats)

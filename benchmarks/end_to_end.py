@@ -2,7 +2,7 @@
 channels_last) and torch.compile of torchvision's model, same process, same
 inputs."""
 import copy
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torchvision
@@ -36,8 +36,20 @@ def _compiled(model: torch.nn.Module, device: torch.device):
     return torch.compile(model)
 
 
+def flops_per_image(arch: str, size: int) -> float:
+    """Forward FLOPs of one image through torchvision's `arch` (a multiply-add
+    counts 2), counted by PyTorch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = getattr(torchvision.models, arch)().eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.randn(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
 def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.device,
-        with_compile: bool, repeats: int) -> List[Dict]:
+        with_compile: bool, repeats: int, flops: float = 0.0, ceiling: Optional[Dict] = None) -> List[Dict]:
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)()
     randomize_batchnorm_(tv)  # non-trivial BN, so that the check of outputs means something
@@ -78,9 +90,20 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
             "images_per_s": batch / t["median_s"],
             "speedup_vs_eager_channels_last": base / t["median_s"],
             "rel_err_vs_torchvision": errors[name],
+            **_throughput(flops * batch / t["median_s"], ceiling),
+            **({"peak_mem_mb": t["peak_mem_mb"]} if "peak_mem_mb" in t else {}),
         }
         for name, t in timings.items()
     ]
+
+
+def _throughput(flops_per_s: float, ceiling: Optional[Dict]) -> Dict:
+    if not flops_per_s:
+        return {}
+    out = {"tflops": flops_per_s / 1e12}
+    if ceiling:
+        out["fraction_of_matmul_peak"] = out["tflops"] / ceiling["matmul_tflops"]
+    return out
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -33,7 +33,9 @@ python -m pytest tests/test_cuda.py tests/test_triton.py tests/test_build.py -q 
 status+=("cuda tests: exit ${PIPESTATUS[0]}")
 
 echo "== benchmark (log: $OUT/bench.log)"
-python -m benchmarks --device cuda --models resnet50 --batch "${BENCH_BATCH:-256}" --dtype bfloat16 --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -5
+# BENCH_ARGS overrides the model and batch settings (e.g. add --no-compile when time is short).
+python -m benchmarks --device cuda --dtype bfloat16 --out "$OUT" \
+    ${BENCH_ARGS:---models resnet50 --batches 1,32,256 --batch 32 --train-batch 128} 2>&1 | tee "$OUT/bench.log" | tail -5
 status+=("benchmark: exit ${PIPESTATUS[0]}")
 
 echo "== summary"

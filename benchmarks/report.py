@@ -26,6 +26,10 @@ def markdown(env: Dict, rows: List[Dict]) -> str:
         + (f" · CUDA {env['cuda']} · driver {env['driver']}" if env["device"] == "cuda" else ""),
         "",
     ]
+    if "ceiling" in env:
+        c = env["ceiling"]
+        parts += [f"Ceiling measured in this run: {c['matmul_tflops']:.2f} TFLOP/s ({c['matmul_dtype']} matrix "
+                  f"product), {c['copy_gb_per_s']:.0f} GB/s copy bandwidth. Fractions below are of the former.", ""]
     e2e = [r for r in rows if r["benchmark"] == "eval_forward"]
     if e2e:
         parts += [
@@ -37,9 +41,26 @@ def markdown(env: Dict, rows: List[Dict]) -> str:
             _table(
                 e2e,
                 ["model", "batch", "dtype", "contender", "median_ms", "images_per_s", "speedup_vs_eager_channels_last",
-                 "rel_err_vs_torchvision"],
+                 "fraction_of_matmul_peak", "peak_mem_mb", "rel_err_vs_torchvision"],
                 {"median_ms": "{:.1f}", "images_per_s": "{:.1f}", "speedup_vs_eager_channels_last": "{:.2f}x",
-                 "rel_err_vs_torchvision": "{:.1e}"},
+                 "fraction_of_matmul_peak": "{:.1%}", "peak_mem_mb": "{:.0f}", "rel_err_vs_torchvision": "{:.1e}"},
+            ),
+            "",
+        ]
+    train = [r for r in rows if r["benchmark"] == "train_step"]
+    if train:
+        parts += [
+            "## Training step (forward, backward, SGD), whole model",
+            "",
+            "From the same weights; the first step's loss is compared with torchvision's.",
+            "",
+            _table(
+                train,
+                ["model", "batch", "image_size", "dtype", "contender", "median_ms", "images_per_s",
+                 "speedup_vs_eager_channels_last", "fraction_of_matmul_peak", "peak_mem_mb",
+                 "first_loss_diff_vs_torchvision"],
+                {"median_ms": "{:.1f}", "images_per_s": "{:.1f}", "speedup_vs_eager_channels_last": "{:.2f}x",
+                 "fraction_of_matmul_peak": "{:.1%}", "peak_mem_mb": "{:.0f}", "first_loss_diff_vs_torchvision": "{:.1e}"},
             ),
             "",
         ]
