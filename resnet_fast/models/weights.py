@@ -82,8 +82,12 @@ def read_state_dict(weights: WeightsSource) -> Dict[str, Tensor]:
 
 def load_weights(model: nn.Module, weights: WeightsSource) -> nn.Module:
     """Load weights into model strictly, listing every missing, unexpected or
-    mis-shaped key when they do not fit."""
+    mis-shaped key when they do not fit. A features_only ResNet ignores the
+    keys of the modules it dropped (fc, and layers after its deepest output)."""
     state = read_state_dict(weights)
+    is_removed_key = getattr(model, "is_removed_key", None)
+    if is_removed_key is not None:  # a features_only model skips its dropped modules' keys
+        state = {k: v for k, v in state.items() if not is_removed_key(k)}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
