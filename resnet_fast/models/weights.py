@@ -89,7 +89,9 @@ def load_weights(model: nn.Module, weights: WeightsSource) -> nn.Module:
     if is_removed_key is not None:  # a features_only model skips its dropped modules' keys
         state = {k: v for k, v in state.items() if not is_removed_key(k)}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
+    # BatchNorm fills in a missing num_batches_tracked itself (checkpoints of
+    # FrozenBatchNorm2d models, e.g. detection backbones, have none).
+    missing = sorted(k for k in set(expected) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))
     mismatched = sorted(
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
