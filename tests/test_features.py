@@ -112,7 +112,7 @@ def test_feature_info_matches_the_maps_for_a_dilated_backbone():
 def test_create_feature_extractor_gives_torchvision_features():
     """The forward is torch.fx-traceable, with torchvision's node names for
     the stem activation and the layers."""
-    tv, ours = pair("resnet50")
+    tv, ours = pair("resnet18")
     tv.eval(), ours.eval()
     nodes = {"relu": "c1", "layer1": "c2", "layer2": "c3", "layer3": "c4", "layer4": "c5"}
     ours_body = create_feature_extractor(ours, nodes)

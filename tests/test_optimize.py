@@ -60,12 +60,13 @@ def test_optimize_swaps_a_torchvision_resnet_in_place_and_back():
 
 
 def test_to_torchvision_of_a_resnet_fast_model():
-    ours = randomize_batchnorm_(resnet_fast.resnet50(num_classes=3)).eval()
-    x = torch.randn(1, 3, 48, 48)
+    ours = randomize_batchnorm_(resnet_fast.resnext50_32x4d(num_classes=3)).eval()
+    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = ours(x)
         tv = resnet_fast.to_torchvision(ours)
         assert type(tv) is torchvision.models.ResNet and type(tv.layer3[2]) is torchvision.models.resnet.Bottleneck
+        assert tv.groups == 32 and tv.layer3[2].conv2.groups == 32
         assert_rel(tv(x), expected)
 
 
@@ -101,7 +102,7 @@ def test_optimize_timm_features_only_resnet50():
     untouched = copy.deepcopy(model)
     resnet_fast.optimize(model)
     assert type(model.layer4[0]) is Bottleneck
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for got, expected in zip(model(x), untouched(x)):
             assert_rel(got, expected)
