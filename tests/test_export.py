@@ -29,6 +29,16 @@ def test_compile_fullgraph_features_only_and_intermediates():
         assert_rel(maps[0], model.forward_intermediates(x, indices=(1,))[1][0], factor=10)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + kernel_backends())
+def test_compile_fullgraph_eval_on_every_backend(backend):
+    """Dynamo alone (backend="eager"): fullgraph=True fails on any graph break."""
+    tv, ours = pair("resnet18", backend=backend, num_classes=3)
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(ours.eval(), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert_rel(compiled(x), tv.eval()(x), factor=10)
+
+
 def test_torch_export_of_the_eval_model():
     tv, ours = pair("resnet18", num_classes=4)
     x = torch.randn(2, 3, 48, 48)
@@ -48,6 +58,8 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
     path = tmp_path / "resnet18.onnx"
     resnet_fast.export_onnx(model, x, path)
     assert model.backend is None and model.layer1[0].backend is None  # the model's own setting comes back
+    onnx = pytest.importorskip("onnx")
+    assert {node.domain for node in onnx.load(str(path)).graph.node} <= {"", "ai.onnx"}  # standard ops only
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     fresh = torch.randn(2, 3, 64, 64)
     (out,) = session.run(None, {session.get_inputs()[0].name: fresh.numpy()})
