@@ -4,9 +4,14 @@ ReLU kernels.
     import resnet_fast
     model = resnet_fast.resnet50(weights="resnet50.pth").eval()
     resnet_fast.available_backends()
+
+    resnet_fast.optimize(detector)        # torchvision / timm ResNets inside any model, in place
+    backbone = resnet_fast.resnet50(features_only=True, out_indices=(1, 2, 3, 4))
 """
 from . import ops, reference
 from .backends import BACKENDS, available_backends
+from .cuda_graph import cuda_graphed
+from .export import export_onnx, using_backend
 from .layers import clear_fold_caches
 from .sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 from .tuning import tune
@@ -14,5 +19,7 @@ from .models import *  # noqa: F401,F403
 from .models import __all__ as _model_names
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "BACKENDS", "available_backends", "clear_fold_caches", "SyncBatchNorm2d",
-           "convert_sync_batchnorm", "tune", *_model_names]
+__all__ = [
+    "ops", "reference", "BACKENDS", "available_backends", "clear_fold_caches", "SyncBatchNorm2d",
+    "convert_sync_batchnorm", "tune", "cuda_graphed", "export_onnx", "using_backend", *_model_names,
+]

@@ -5,6 +5,9 @@ from .builders import (
     wide_resnet50_2, wide_resnet101_2,
 )
 from .convert import from_torchvision
+from .features import FeatureInfo
+from .frozen import freeze_batchnorm, set_trainable_layers
+from .optimize import optimize, to_torchvision
 from .resnet import BasicBlock, Bottleneck, ResNet
 from .weights import load_weights, read_state_dict
 
@@ -14,4 +17,5 @@ __all__ = [
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
     "wide_resnet50_2", "wide_resnet101_2",
     "from_torchvision", "load_weights", "read_state_dict",
+    "FeatureInfo", "freeze_batchnorm", "set_trainable_layers", "optimize", "to_torchvision",
 ]

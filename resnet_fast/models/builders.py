@@ -1,6 +1,7 @@
 """The torchvision ResNet builders: resnet18 ... wide_resnet101_2."""
 from typing import Any, Optional, Sequence, Type, Union
 
+from .frozen import set_trainable_layers
 from .resnet import BasicBlock, Bottleneck, ResNet
 from .weights import WeightsSource, load_weights
 
@@ -22,7 +23,13 @@ def _resnet(
     """Build a ResNet. `weights`: a path to a state_dict file (.pth, .pt,
     .safetensors), a state_dict, or a torchvision weights enum whose file is
     already in torch.hub's local cache. `progress` is accepted for
-    torchvision compatibility (nothing is downloaded)."""
+    torchvision compatibility (nothing is downloaded).
+
+    Besides ResNet's own arguments (torchvision's, `backend`,
+    `features_only`, `out_indices`), `trainable_layers` (0..5) leaves only
+    the last that many layers trainable, as torchvision's detection
+    backbones take it (see set_trainable_layers)."""
+    trainable_layers = kwargs.pop("trainable_layers", None)
     for key, value in overrides.items():
         if key in kwargs and kwargs[key] != value:
             raise ValueError(f"{key}={kwargs[key]} conflicts with this architecture's {key}={value}")
@@ -33,6 +40,8 @@ def _resnet(
     model = ResNet(block, layers, **kwargs)
     if weights is not None:
         load_weights(model, weights)
+    if trainable_layers is not None:
+        set_trainable_layers(model, trainable_layers)
     return model
 
 

@@ -1,15 +1,64 @@
 """ResNet, BasicBlock and Bottleneck with torchvision's module tree and
 state_dict keys, running on the fused ops (resnet_fast.layers)."""
-from typing import Callable, List, Optional, Sequence, Type, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
-import torch.nn.functional as F
+import torch.fx
 from torch import Tensor, nn
 
 from ..backends import BACKENDS
 from ..layers import conv_norm_act, fold_cache
+from .features import NUM_STAGES, FeatureInfo, last_n_indices, normalize_indices, stage_info
 
 NormLayer = Callable[[int], nn.Module]
+
+
+# torch.fx (create_feature_extractor, symbolic_trace) records these two as
+# single calls instead of tracing into them: they branch on tensor
+# properties (device, dtype, shape), which a symbolic trace cannot evaluate.
+@torch.fx.wrap
+def fused_conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Optional[Tensor], relu: bool,
+                    backend: Optional[str]) -> Tensor:
+    """act(norm(conv(x)) + residual) on the fused ops; the folded weights are
+    cached on the conv module."""
+    return conv_norm_act(conv, norm, x, residual, relu, backend, fold_cache(conv, "folded"))
+
+
+def _symbolic_tracing() -> bool:
+    """Whether torch.fx.symbolic_trace is tracing (not torch.export / compile)."""
+    fx = torch.fx._symbolic_trace
+    if hasattr(fx, "is_fx_symbolic_tracing"):
+        return fx.is_fx_symbolic_tracing()
+    return fx.is_fx_tracing() and not torch.compiler.is_compiling()
+
+
+@torch.fx.wrap
+def check_resnet_input(x: Tensor, conv1: nn.Module) -> None:
+    """Raise a clear error when x cannot be the input of a ResNet whose first conv is conv1."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"expected a 4-D input (N, C, H, W), got {x.dim()}-D of shape {tuple(x.shape)}"
+            + (" (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else "")
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point input, got {x.dtype} (convert images with x.float() / 255)")
+    if x.shape[0] == 0:
+        raise ValueError(f"empty batch: input has shape {tuple(x.shape)}")
+    if x.shape[1] != conv1.in_channels:
+        raise ValueError(
+            f"expected input with {conv1.in_channels} channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+        )
+    weight = conv1.weight
+    if x.device != weight.device:
+        raise ValueError(f"input is on {x.device} but the model is on {weight.device}; move one with .to()")
+    autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
+    if x.dtype != weight.dtype and not autocast:
+        raise TypeError(
+            f"input dtype {x.dtype} does not match the model's {weight.dtype}; "
+            "convert one of them, or run under torch.autocast"
+        )
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -31,17 +80,14 @@ class _FusedBlock(nn.Module):
 
     def _fused(self, conv_name: str, norm_name: str, x: Tensor, residual: Optional[Tensor] = None,
                relu: bool = True) -> Tensor:
-        return conv_norm_act(
-            getattr(self, conv_name), getattr(self, norm_name), x, residual, relu, self.backend,
-            fold_cache(self, conv_name),
-        )
+        return fused_conv_norm(getattr(self, conv_name), getattr(self, norm_name), x, residual, relu, self.backend)
 
     def _shortcut(self, x: Tensor) -> Tensor:
         ds = self.downsample
         if ds is None:
             return x
         if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d):
-            return conv_norm_act(ds[0], ds[1], x, None, False, self.backend, fold_cache(self, "downsample"))
+            return fused_conv_norm(ds[0], ds[1], x, None, False, self.backend)
         return ds(x)  # a custom shortcut: run it as it is
 
 
@@ -123,7 +169,23 @@ class ResNet(nn.Module):
     torchvision's, plus `backend` ("native", "reference", "triton", or None
     for the best available on the input's device; settable later).
     Inputs are converted to channels_last once, at the stem.
+
+    `features_only=True` makes a backbone, as timm's features_only models
+    are: forward returns the list of feature maps at `out_indices` (0 = C1,
+    the stem's activation, ... 4 = C5, layer4; negative indices count from
+    the end; default all five), `feature_info` describes them, and the
+    modules it does not need are dropped: avgpool, fc, and the layers after
+    the deepest requested stage (the maxpool too when only C1 is asked
+    for). Its state_dict holds torchvision's keys of what remains, and
+    loading a full torchvision or timm state_dict into it ignores the
+    dropped modules' keys.
     """
+
+    # Class-level defaults, so a torchvision ResNet whose class optimize()
+    # swapped in place behaves as a full model.
+    features_only: bool = False
+    out_indices: Tuple[int, ...] = tuple(range(NUM_STAGES))
+    removed_modules: Tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -136,10 +198,14 @@ class ResNet(nn.Module):
         replace_stride_with_dilation: Optional[Sequence[bool]] = None,
         norm_layer: Optional[NormLayer] = None,
         backend: Optional[str] = None,
+        features_only: bool = False,
+        out_indices: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
+        if out_indices is not None and not features_only:
+            raise ValueError("out_indices selects the outputs of a features_only model: pass features_only=True too")
         self._norm_layer = norm_layer
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ValueError(f"layers must be 4 positive block counts, got {list(layers)}")
@@ -166,6 +232,30 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         self._init_weights(zero_init_residual)
         self.backend = backend
+        if features_only:
+            self._keep_only_features(normalize_indices(range(NUM_STAGES) if out_indices is None else out_indices))
+
+    def _keep_only_features(self, out_indices: Tuple[int, ...]) -> None:
+        deepest = max(out_indices)
+        removed = ["avgpool", "fc"] + [f"layer{i}" for i in range(deepest + 1, NUM_STAGES)]
+        if deepest == 0:
+            removed.append("maxpool")
+        for name in removed:
+            delattr(self, name)
+        self.features_only = True
+        self.out_indices = out_indices
+        self.removed_modules = tuple(removed)
+
+    def is_removed_key(self, key: str) -> bool:
+        """Whether a state_dict key belongs to a module this features_only model dropped."""
+        return key.split(".", 1)[0] in self.removed_modules
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A full torchvision/timm state_dict loads into a features_only model:
+        # the keys of the modules it dropped are skipped, not "unexpected".
+        for key in [k for k in state_dict if k.startswith(prefix) and self.is_removed_key(k[len(prefix):])]:
+            del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
         for m in self.modules():
@@ -227,49 +317,87 @@ class ResNet(nn.Module):
 
     def check_input(self, x: Tensor) -> None:
         """Raise a clear error when x cannot be this model's input."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"expected a Tensor input, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(
-                f"expected a 4-D input (N, C, H, W), got {x.dim()}-D of shape {tuple(x.shape)}"
-                + (" (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else "")
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"expected a floating-point input, got {x.dtype} (convert images with x.float() / 255)")
-        if x.shape[0] == 0:
-            raise ValueError(f"empty batch: input has shape {tuple(x.shape)}")
-        if x.shape[1] != self.conv1.in_channels:
-            raise ValueError(
-                f"expected input with {self.conv1.in_channels} channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
-            )
-        weight = self.conv1.weight
-        if x.device != weight.device:
-            raise ValueError(f"input is on {x.device} but the model is on {weight.device}; move one with .to()")
-        autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
-        if x.dtype != weight.dtype and not autocast:
-            raise TypeError(
-                f"input dtype {x.dtype} does not match the model's {weight.dtype}; "
-                "convert one of them, or run under torch.autocast"
-            )
+        check_resnet_input(x, self.conv1)
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        """Channels ("num_chs"), reduction and module of each feature map
+        forward returns (features_only) or forward_intermediates can return."""
+        indices = self.out_indices if self.features_only else tuple(range(len(stage_info(self))))
+        return FeatureInfo(stage_info(self), indices)
+
+    def _num_stages(self) -> int:
+        return 1 + sum(hasattr(self, f"layer{i}") for i in range(1, NUM_STAGES))
 
     def forward_stem(self, x: Tensor) -> Tensor:
+        """conv1 + bn1 + relu (C1) and the maxpool."""
+        return self.maxpool(self._stem_act(x))
+
+    def _stem_act(self, x: Tensor) -> Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
-        x = conv_norm_act(self.conv1, self.bn1, x, None, True, self.backend, fold_cache(self, "conv1"))
-        return self.maxpool(x)
+        if _symbolic_tracing():
+            # The ReLU as its own module call, so that a traced graph has
+            # torchvision's "relu" node for C1 (create_feature_extractor).
+            return self.relu(fused_conv_norm(self.conv1, self.bn1, x, None, False, self.backend))
+        return fused_conv_norm(self.conv1, self.bn1, x, None, True, self.backend)
+
+    def _run_stages(self, x: Tensor, indices: Tuple[int, ...], last: int) -> Tuple[Tensor, List[Tensor]]:
+        """Run stages 0..last; (output of stage `last`, outputs of `indices`)."""
+        x = self._stem_act(x)
+        features = [x] if 0 in indices else []
+        if last > 0:
+            x = self.maxpool(x)
+        for i in range(1, last + 1):
+            x = getattr(self, f"layer{i}")(x)
+            if i in indices:
+                features.append(x)
+        return x, features
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """The last feature map (C5), before pooling."""
-        x = self.forward_stem(x)
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
+        """The last feature map (C5 for a full model), before pooling."""
+        return self._run_stages(x, (), self._num_stages() - 1)[0]
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.fc(x)
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Pooling and the classifier on a forward_features output;
+        pre_logits=True stops before the classifier (pooled features)."""
+        if self.features_only:
+            raise RuntimeError("a features_only model has no head (avgpool and fc were dropped)")
+        x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.fc(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """(final feature map, [feature maps at `indices`]), as timm returns them.
+
+        indices: None for every stage, an int n for the last n stages, or a
+        sequence of stage indices (0 = C1 ... 4 = C5; negative from the end).
+        stop_early: stop after the deepest requested stage (the final map is
+        then that stage's). `norm` is accepted for timm compatibility: a
+        ResNet has no final norm layer. intermediates_only: return only the list.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' (the only layout a ResNet's maps have), got {output_fmt!r}")
+        num_stages = self._num_stages()
+        if indices is None:
+            wanted = tuple(range(num_stages))
+        elif isinstance(indices, int) and not isinstance(indices, bool):
+            wanted = last_n_indices(indices, num_stages)
+        else:
+            wanted = normalize_indices(indices, num_stages, name="indices")
+        check_resnet_input(x, self.conv1)
+        last = max(wanted) if stop_early or intermediates_only else num_stages - 1
+        final, features = self._run_stages(x, wanted, last)
+        return features if intermediates_only else (final, features)
+
+    def forward(self, x: Tensor) -> Union[Tensor, List[Tensor]]:
+        check_resnet_input(x, self.conv1)
+        if self.features_only:
+            return self._run_stages(x, self.out_indices, max(self.out_indices))[1]
         return self.forward_head(self.forward_features(x))

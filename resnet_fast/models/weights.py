@@ -83,13 +83,17 @@ def read_state_dict(weights: WeightsSource) -> Dict[str, Tensor]:
 def load_weights(model: nn.Module, weights: WeightsSource, exclude: Sequence[str] = ()) -> nn.Module:
     """Load weights into model strictly, listing every missing, unexpected or
     mis-shaped key when they do not fit. Keys starting with a prefix in
-    `exclude` (e.g. "fc." to keep a new head) are left out on both sides.
+    `exclude` (e.g. "fc." to keep a new head) are left out on both sides, and
+    a features_only ResNet ignores the keys of the modules it dropped (fc,
+    and layers after its deepest output).
 
     A BatchNorm's num_batches_tracked may be absent from the file (files
-    saved from FrozenBatchNorm2d layers have none), as torch itself allows.
+    saved from FrozenBatchNorm2d layers, e.g. detection backbones, have none):
+    BatchNorm fills it in itself.
     """
     exclude = tuple(exclude)
-    state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith(exclude)}
+    is_removed_key = getattr(model, "is_removed_key", None) or (lambda key: False)
+    state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith(exclude) and not is_removed_key(k)}
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(exclude)}
     missing = sorted(k for k in set(expected) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(expected))

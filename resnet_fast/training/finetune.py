@@ -12,8 +12,9 @@ Freezing modes (`--freeze`):
 """
 from typing import List
 
-import torch
 from torch import nn
+
+from ..models.frozen import freeze_batchnorm
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
 
@@ -26,40 +27,6 @@ def parse_freeze(spec: str) -> str:
     raise ValueError(
         f"--freeze {spec!r}: expected none, bn, backbone, or upto:STAGE with STAGE one of {', '.join(STAGES)}"
     )
-
-
-def replace_head(model: nn.Module, num_classes: int) -> None:
-    """A freshly initialised fc for num_classes outputs, on the old head's
-    device and dtype."""
-    old = model.fc
-    model.fc = nn.Linear(old.in_features, num_classes, bias=old.bias is not None).to(
-        device=old.weight.device, dtype=old.weight.dtype
-    )
-
-
-def _frozen_copy(bn: nn.BatchNorm2d) -> nn.Module:
-    from torchvision.ops import FrozenBatchNorm2d
-
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
-    with torch.no_grad():
-        if bn.weight is not None:
-            frozen.weight.copy_(bn.weight)
-        if bn.bias is not None:
-            frozen.bias.copy_(bn.bias)
-        frozen.running_mean.copy_(bn.running_mean)
-        frozen.running_var.copy_(bn.running_var)
-    return frozen.to(device=bn.running_mean.device, dtype=bn.running_mean.dtype)
-
-
-def freeze_batchnorm(module: nn.Module) -> nn.Module:
-    """Every BatchNorm2d below `module` replaced by FrozenBatchNorm2d with its
-    running statistics and affine parameters (same state_dict keys)."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, _frozen_copy(child))
-        else:
-            freeze_batchnorm(child)
-    return module
 
 
 def _frozen_stages(mode: str) -> List[str]:
@@ -79,8 +46,7 @@ def apply_freeze(model: nn.Module, mode: str) -> None:
     for stage in _frozen_stages(mode):
         if stage == "stem":
             model.conv1.requires_grad_(False)
-            if isinstance(model.bn1, nn.BatchNorm2d):
-                model.bn1 = _frozen_copy(model.bn1)
+            model.bn1 = freeze_batchnorm(model.bn1)
         else:
             layer = getattr(model, stage)
             layer.requires_grad_(False)

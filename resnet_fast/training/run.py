@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from .. import models
+from ..models import builders
 from ..models.weights import load_weights, read_state_dict
 from ..sync_batchnorm import convert_sync_batchnorm
 from . import distributed
@@ -29,9 +29,9 @@ def _log(ctx, message: str) -> None:
 
 
 def _build(arch: str, num_classes: int, backend: Optional[str]) -> nn.Module:
-    if arch not in models.__all__:
-        raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(models.__all__)}")
-    return getattr(models, arch)(num_classes=num_classes, backend=backend)
+    if arch not in builders.__all__:
+        raise ValueError(f"unknown --arch {arch!r}; expected one of {', '.join(builders.__all__)}")
+    return getattr(builders, arch)(num_classes=num_classes, backend=backend)
 
 
 def _loader(split: Split, transform, batch_size: int, workers: int, shuffle: bool, seed: int, ctx,
