@@ -5,6 +5,8 @@ import platform
 
 import torch
 
+from resnet_fast.tuning import device_name
+
 
 def describe(device: torch.device) -> dict:
     info = {
@@ -18,7 +20,7 @@ def describe(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         info.update(card=props.name, cuda=torch.version.cuda, driver=_nvidia_driver())
     else:
-        info.update(card=_cpu_name(), cpu_count=os.cpu_count())
+        info.update(card=device_name(device), cpu_count=os.cpu_count())
     try:
         import triton
 
@@ -26,17 +28,6 @@ def describe(device: torch.device) -> dict:
     except ImportError:
         info["triton"] = None
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _nvidia_driver() -> str:

@@ -42,7 +42,8 @@ def cache_dir() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's or the CPU's model name."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
@@ -63,7 +64,7 @@ def plan_key(device: torch.device, dtype: torch.dtype) -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return f"{device.type}|{_device_name(device)}|torch {torch.__version__}|triton {triton_version}|{dtype}"
+    return f"{device.type}|{device_name(device)}|torch {torch.__version__}|triton {triton_version}|{dtype}"
 
 
 def layer_key(conv: nn.Conv2d, x: Tensor, residual: Optional[Tensor], relu: bool) -> str:
