@@ -7,6 +7,8 @@ through the same namespace's backward kernels.
 """
 import torch
 
+from .validation import effective_dilation
+
 
 def register(namespace: str) -> None:
     kernels = getattr(torch.ops, namespace)
@@ -14,7 +16,7 @@ def register(namespace: str) -> None:
     def conv_setup(ctx, inputs, output):
         x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
         ctx.save_for_backward(x, weight, output)
-        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.conv_args = (stride, padding, effective_dilation(weight.shape, dilation), groups)
         ctx.relu, ctx.bias_dtype, ctx.has_residual = relu, bias.dtype, residual is not None
 
     def conv_backward(ctx, grad_out):

@@ -22,6 +22,7 @@ from .validation import (
     check_conv_args,
     check_like,
     conv_output_shape,
+    effective_dilation,
 )
 
 __all__ = ["conv_bias_act", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
@@ -73,6 +74,7 @@ def conv_bias_act(
             x, weight, bias, residual, stride, padding, dilation, groups, relu
         )
     check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups)
+    dilation = effective_dilation(weight.shape, dilation)
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
@@ -170,8 +172,9 @@ def prepack_conv_weight(
     input_size: Optional[Sequence[int]] = None,
 ) -> Optional[Tensor]:
     """weight reordered into oneDNN's blocked layout for CPU inference, or
-    None where that does not apply (not a CPU float32 weight, no oneDNN, or
-    no native extension).
+    None where that does not apply (not a CPU float32 weight, no oneDNN, no
+    native extension, or a weight with NaN or Inf: the native kernels fuse
+    ReLU only for finite operands, and a packed weight is not checked again).
 
     input_size, the shape of a typical input, lets oneDNN choose the layout
     its kernel for that shape wants; without it some layers run slower than
@@ -179,13 +182,13 @@ def prepack_conv_weight(
     """
     if not (native_loaded() and torch.backends.mkldnn.is_available()):
         return None
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.isfinite(weight).all():
         return None
     return torch.ops.mkldnn._reorder_convolution_weight(
         weight.detach(),
         _pair(padding, "padding"),
         _pair(stride, "stride"),
-        _pair(dilation, "dilation"),
+        effective_dilation(weight.shape, _pair(dilation, "dilation")),
         groups,
         None if input_size is None else list(input_size),
     )

@@ -43,6 +43,14 @@ def check_channel_vector(ref: Tensor, t: Tensor, name: str, channels: int, prefi
     check_like(ref, t, name, shape=(channels,), same_dtype=False, prefix=prefix)
 
 
+def effective_dilation(weight_shape, dilation) -> Tuple[int, int]:
+    """dilation with 1 along each kernel dimension of size 1, where it changes
+    nothing. PyTorch's oneDNN convolutions crash on some channels_last inputs
+    with a dilated size-1 kernel dimension (e.g. a 3x1 kernel, dilation 2,
+    stride 2, input width 1), so no backend is handed one."""
+    return tuple(1 if weight_shape[2 + d] == 1 else int(dilation[d]) for d in range(2))
+
+
 def conv_output_shape(x_shape, w_shape, stride, padding, dilation, prefix: str = PREFIX) -> Tuple[int, int, int, int]:
     sizes = []
     for d in range(2):

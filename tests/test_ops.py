@@ -387,3 +387,55 @@ def test_native_bn_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(saved)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------ found by the fuzz tests
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dilation_along_a_size_one_kernel_dimension(backend, dtype):
+    """oneDNN crashed (SIGSEGV) on channels_last convolutions dilating a
+    kernel dimension of size 1; dilation there changes nothing, so it is
+    dropped before any backend runs."""
+    x = channels_last(torch.randn(2, 4, 9, 1, dtype=dtype))
+    weight, bias = torch.randn(6, 4, 3, 1, dtype=dtype), torch.randn(6, dtype=dtype)
+    args = dict(stride=(1, 2), padding=(3, 3), dilation=(2, 2), relu=False)
+    expected = F.conv2d(x.float().contiguous(), weight.float(), bias.float(), (1, 2), (3, 3), (2, 1))
+    out = ops.conv_bias_act(x.requires_grad_(), weight, bias, backend=backend, **args)
+    assert_rel(out.float(), expected, dtype=dtype)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 1, 3, 3), (2, 5, 1, 1)])
+def test_conv_output_is_channels_last_for_ambiguous_shapes(backend, shape):
+    """Shapes whose NCHW and NHWC strides coincide in part (C == 1, H == W
+    == 1): the output is channels_last all the same, as the fake kernel says."""
+    x = torch.randn(shape)
+    weight, bias = torch.randn(2, shape[1], 1, 1), torch.randn(2)
+    out = ops.conv_bias_act(x, weight, bias, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "weight", "bias", "residual"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_conv_relu_keeps_nan_like_torch(backend, where, value):
+    """NaN through the fused ReLU stays NaN (oneDNN's fused ReLU made it 0),
+    and infinities land where the reference puts them."""
+    x, weight, bias, args = make_conv("3x3s1_batch1", torch.float32)
+    inputs = dict(x=x, weight=weight, bias=bias, residual=torch.randn(conv_out_shape(x, weight, args)))
+    inputs[where] = inputs[where].contiguous().clone()
+    inputs[where].view(-1)[torch.randint(0, inputs[where].numel(), (1,))] = value
+    expected = reference.conv_bias_act(**inputs, **{k: (v, v) if k != "groups" else v for k, v in args.items()})
+    out = ops.conv_bias_act(**inputs, relu=True, backend=backend, **args)
+    assert not expected.isfinite().all()
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+def test_prepack_declines_non_finite_weights():
+    weight = torch.randn(4, 3, 3, 3)
+    weight[1, 2, 0, 0] = float("nan")
+    assert ops.prepack_conv_weight(weight, 1, 1, 1, 1) is None
