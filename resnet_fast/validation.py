@@ -2,6 +2,7 @@
 and the Triton launchers (so a direct torch.ops call is checked too). Every
 error names the argument and what was expected; `prefix` says who raised it.
 """
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -14,6 +15,8 @@ PREFIX = "resnet_fast:"
 def check_activation(t: Tensor, name: str, prefix: str = PREFIX) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{prefix} {name} must be a Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{prefix} {name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dim() != 4:
         raise ValueError(f"{prefix} {name} must be 4-D (N, C, H, W), got {t.dim()}-D of shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
@@ -111,3 +114,23 @@ def check_bn_train_args(x, weight, bias, residual, prefix: str = PREFIX) -> int:
             f"{prefix} batch norm in training needs more than 1 value per channel, got input of shape {tuple(x.shape)}"
         )
     return count
+
+
+def check_flag(value, name: str, prefix: str = PREFIX) -> None:
+    """A plain bool (a truthy tensor or string is a mistake, not a choice)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{prefix} {name} must be a bool, got {type(value).__name__}")
+
+
+def check_eps(eps, prefix: str = PREFIX) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{prefix} eps must be a float, got {type(eps).__name__}")
+    if not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{prefix} eps must be a positive finite number, got {eps}")
+
+
+def check_momentum(momentum, prefix: str = PREFIX) -> None:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{prefix} momentum must be a float in [0, 1], got {type(momentum).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{prefix} momentum must be in [0, 1], got {momentum}")

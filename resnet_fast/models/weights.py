@@ -83,6 +83,8 @@ def read_state_dict(weights: WeightsSource) -> Dict[str, Tensor]:
 def load_weights(model: nn.Module, weights: WeightsSource) -> nn.Module:
     """Load weights into model strictly, listing every missing, unexpected or
     mis-shaped key when they do not fit."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     state = read_state_dict(weights)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
