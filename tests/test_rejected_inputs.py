@@ -83,6 +83,13 @@ def _truncated_pth(path):
         f.truncate(os.path.getsize(path) // 2)
 
 
+def _flipped_pth(path):
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), path)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
 def _flipped_safetensors(path):
     from safetensors.torch import save_file
 
@@ -240,6 +247,8 @@ CASES = [
          weights_file("w.pth", lambda p: torch.save({"fc.weight": torch.ones(1), "hook": _Anything()}, p))),
     Case("read_state_dict", "a truncated .pth", ValueError, "w.pth could not be read as a weights file",
          weights_file("w.pth", _truncated_pth)),
+    Case("read_state_dict", "a .pth with a flipped byte in its tensor data", ValueError,
+         "w.pth is corrupted: the checksum of its entry", weights_file("w.pth", _flipped_pth)),
     Case("read_state_dict", "a .pth that is not a state_dict", ValueError, "w.pth does not hold a state_dict",
          weights_file("w.pth", lambda p: torch.save([1, 2, 3], p))),
     Case("read_state_dict", "a corrupted .safetensors header", ValueError,
