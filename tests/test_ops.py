@@ -439,3 +439,22 @@ def test_prepack_declines_non_finite_weights():
     weight = torch.randn(4, 3, 3, 3)
     weight[1, 2, 0, 0] = float("nan")
     assert ops.prepack_conv_weight(weight, 1, 1, 1, 1) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_conv_weight_gradient_where_taps_meet_only_padding(backend):
+    """aten's CPU bf16 convolution backward on channels_last tensors leaves
+    garbage in the weight gradient of taps that meet only padding (here the
+    outer taps of a 1x3 kernel over a width-1 input); the ops' backward is
+    right. Repeated: the garbage is whatever memory held."""
+    for _ in range(10):
+        x = channels_last(torch.randn(2, 2, 2, 1)).bfloat16()
+        weight, bias = torch.randn(1, 2, 1, 3).bfloat16(), torch.randn(1).bfloat16()
+        grad = torch.randn(2, 1, 2, 2).bfloat16()
+        grads = []
+        for dtype, b in ((torch.float32, "reference"), (torch.bfloat16, backend)):
+            leaves = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+            ops.conv_bias_act(*leaves, stride=(1, 2), padding=(0, 2), relu=False, backend=b).backward(grad.to(dtype))
+            grads.append([leaf.grad for leaf in leaves])
+        for got, expected in zip(grads[1], grads[0]):
+            assert_rel(got.float(), expected, dtype=torch.bfloat16)
