@@ -58,10 +58,17 @@ def forward_backward(fn, leaves, grad):
     return out, list(grads)
 
 
-def assert_grads(got, expected, dtype):
-    # Gradients go through one more reduction than the forward.
-    for g, e in zip(got, expected, strict=True):
-        assert_rel(g, e, dtype=dtype, factor=10)
+def assert_grads(got, expected, dtype, scales=None):
+    """Gradients within 10x the forward tolerance (one more reduction),
+    relative to the larger of the expected gradient and `scales`, the size
+    of the terms it sums: a gradient that cancels to nearly zero (batch norm
+    over two values) is only as exact as those terms."""
+    scales = scales or [0.0] * len(expected)
+    for g, e, scale in zip(got, expected, scales, strict=True):
+        assert g.shape == e.shape and torch.isfinite(g).all()
+        err = (g.double() - e.double()).norm().item()
+        assert err <= 10 * REL_TOL[dtype] * max(e.double().norm().item(), scale), (
+            f"gradient error {err:.3g}, expected norm {e.double().norm().item():.3g}, terms {scale:.3g}")
 
 
 # ------------------------------------------------------------ conv_bias_act
@@ -77,13 +84,15 @@ def check_conv(backends, geometry, dtype, bias_fp32, x_layout, res_layout, resid
     res = laid_out(randn(gen, out_shape, dtype), res_layout) if residual else None
     grad = randn(gen, out_shape, dtype) if backward else None
 
-    def run(backend):
+    def run(backend, x=x, res=res):
         return forward_backward(
             lambda x_, w_, b_, r_: ops.conv_bias_act(x_, w_, b_, r_, relu=relu, backend=backend, **args),
             [x, weight, bias, res], grad,
         )
 
-    expected, expected_grads = run("reference")
+    # The reference on NCHW copies: aten's CPU bf16 convolution backward on
+    # channels_last tensors can return garbage weight gradients.
+    expected, expected_grads = run("reference", x.contiguous(), None if res is None else res.contiguous())
     for backend in backends:
         out, grads = run(backend)
         assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last), backend
@@ -133,6 +142,16 @@ def check_bn(backends, shape, dtype, param_fp32, x_layout, res_layout, residual,
         return out, grads, running_stats
 
     (expected, mean, invstd), expected_grads, expected_stats = run("reference")
+    scales = None
+    if backward:  # the size of the terms each gradient sums (see assert_grads)
+        view = (1, -1, 1, 1)
+        dz, xhat = grad.double().abs(), ((x.double() - mean.double().view(view)) * invstd.double().view(view)).abs()
+        scales = [
+            ((weight.double() * invstd.double()).abs().view(view) * dz).norm().item(),
+            (dz * xhat).sum(dim=(0, 2, 3)).norm().item(),
+            dz.sum(dim=(0, 2, 3)).norm().item(),
+            dz.norm().item(),
+        ][:len(expected_grads)]
     for backend in backends:
         (out, got_mean, got_invstd), grads, got_stats = run(backend)
         assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last), backend
@@ -141,7 +160,7 @@ def check_bn(backends, shape, dtype, param_fp32, x_layout, res_layout, residual,
             if ref is not None:
                 assert got.dtype == torch.float32
                 assert_rel(got, ref, factor=10)
-        assert_grads(grads, expected_grads, dtype)
+        assert_grads(grads, expected_grads, dtype, scales)
 
 
 bn_options = dict(
@@ -213,8 +232,12 @@ def check_conv_non_finite(geometry, dtype, where, value, count, residual, relu, 
         assert_same_non_finite(out, expected, dtype)
 
 
+# float32 only: for bf16 PyTorch's own CPU convolutions place NaN/Inf
+# differently from exact arithmetic, and differently between NCHW and NHWC
+# (a NaN spreads to a neighbouring pixel of a 1x1 conv; an Inf weight of a
+# grouped conv gives NaN), and the native backend runs those same kernels.
 @needs_backends
-@given(geometry=conv_geometries(max_group_channels=3, kernels=(1, 3)), dtype=dtypes,
+@given(geometry=conv_geometries(max_group_channels=3, kernels=(1, 3)), dtype=st.just(torch.float32),
        where=st.sampled_from(("x", "bias", "residual")), **non_finite)
 def test_conv_bias_act_non_finite_like_reference(**drawn):
     check_conv_non_finite(**drawn)
@@ -224,7 +247,7 @@ def test_conv_bias_act_non_finite_like_reference(**drawn):
 # the zero (NaN * 0 = NaN) where oneDNN and cuDNN skip the padding, so
 # backends legitimately differ there; without padding every tap meets data.
 @needs_backends
-@given(geometry=conv_geometries(max_group_channels=3, kernels=(1, 3), max_padding=0), dtype=dtypes,
+@given(geometry=conv_geometries(max_group_channels=3, kernels=(1, 3), max_padding=0), dtype=st.just(torch.float32),
        where=st.just("weight"), **non_finite)
 def test_conv_bias_act_non_finite_weight_like_reference(**drawn):
     check_conv_non_finite(**drawn)
