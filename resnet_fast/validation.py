@@ -3,6 +3,7 @@ and the Triton launchers (so a direct torch.ops call is checked too). Every
 error names the argument and what was expected; `prefix` says who raised it.
 """
 import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -122,15 +123,21 @@ def check_flag(value, name: str, prefix: str = PREFIX) -> None:
         raise TypeError(f"{prefix} {name} must be a bool, got {type(value).__name__}")
 
 
+def _number(value) -> bool:
+    """A real Python number, or a symbolic one while torch.compile traces
+    (whose range is checked when the compiled code runs with real values)."""
+    return isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(value, bool)
+
+
 def check_eps(eps, prefix: str = PREFIX) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if not _number(eps):
         raise TypeError(f"{prefix} eps must be a float, got {type(eps).__name__}")
-    if not (eps > 0 and math.isfinite(eps)):
+    if isinstance(eps, numbers.Real) and not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"{prefix} eps must be a positive finite number, got {eps}")
 
 
 def check_momentum(momentum, prefix: str = PREFIX) -> None:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if not _number(momentum):
         raise TypeError(f"{prefix} momentum must be a float in [0, 1], got {type(momentum).__name__}")
-    if not 0.0 <= momentum <= 1.0:
+    if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
         raise ValueError(f"{prefix} momentum must be in [0, 1], got {momentum}")
