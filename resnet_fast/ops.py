@@ -25,6 +25,7 @@ from .validation import (
     check_like,
     check_momentum,
     conv_output_shape,
+    crop_for_unit_outputs,
     effective_dilation,
 )
 
@@ -79,6 +80,7 @@ def conv_bias_act(
         )
     check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups)
     dilation = effective_dilation(weight.shape, dilation)
+    x, stride, padding = crop_for_unit_outputs(x, weight.shape, stride, padding, dilation)
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)

@@ -55,6 +55,26 @@ def effective_dilation(weight_shape, dilation) -> Tuple[int, int]:
     return tuple(1 if weight_shape[2 + d] == 1 else int(dilation[d]) for d in range(2))
 
 
+def crop_for_unit_outputs(x: Tensor, weight_shape, stride, padding, dilation):
+    """(x, stride, padding) rewritten where an output dimension has size 1
+    and a stride > 1: x reduced to the one window (zero-padded explicitly
+    where the window reaches into padding), stride 1, padding 0. The same
+    result; PyTorch's oneDNN convolutions on channels_last input got it
+    wrong otherwise (e.g. stride (1, 2) with a single output column: rows
+    of the output were wrong)."""
+    stride, padding = list(stride), list(padding)
+    for d in range(2):
+        extent = dilation[d] * (weight_shape[2 + d] - 1) + 1
+        if stride[d] > 1 and (x.shape[2 + d] + 2 * padding[d] - extent) // stride[d] == 0:
+            if padding[d]:
+                pad = [0, 0, 0, 0]
+                pad[2 * (1 - d)] = pad[2 * (1 - d) + 1] = padding[d]
+                x = torch.nn.functional.pad(x, pad)
+            x = x.narrow(2 + d, 0, extent)
+            stride[d], padding[d] = 1, 0
+    return x, tuple(stride), tuple(padding)
+
+
 def conv_output_shape(x_shape, w_shape, stride, padding, dilation, prefix: str = PREFIX) -> Tuple[int, int, int, int]:
     sizes = []
     for d in range(2):

@@ -458,3 +458,26 @@ def test_bf16_conv_weight_gradient_where_taps_meet_only_padding(backend):
             grads.append([leaf.grad for leaf in leaves])
         for got, expected in zip(grads[1], grads[0]):
             assert_rel(got.float(), expected, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geometry", [
+    # (C, K, groups, kernel, H, W, stride, padding): one output column or row
+    (1, 1, 1, (5, 7), 1, 7, (1, 2), (3, 0)),
+    (1, 2, 1, (5, 7), 6, 3, (1, 2), (2, 2)),
+    (2, 4, 2, (5, 7), 6, 5, (1, 2), (1, 1)),
+    (3, 6, 3, (3, 5), 2, 4, (1, 2), (2, 1)),
+])
+def test_conv_with_a_single_output_column(backend, dtype, geometry):
+    """PyTorch's oneDNN convolutions on channels_last input computed wrong
+    rows when a strided dimension has one output (seen: stride (1, 2), one
+    output column); the ops compute that window with stride 1."""
+    c, k, groups, kernel, h, w, stride, padding = geometry
+    # NHWC strides even for C == 1 (what a copy to channels_last gives a strided view)
+    x = torch.empty_strided((2, c, h, w), (h * w * c, 1, w * c, c), dtype=dtype).copy_(torch.randn(2, c, h, w))
+    weight, bias = torch.randn(k, c // groups, *kernel).to(dtype), torch.randn(k)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, 1, groups)
+    out = ops.conv_bias_act(x, weight, bias, stride=stride, padding=padding, groups=groups, relu=False, backend=backend)
+    assert out.shape == expected.shape
+    assert_rel(out.double(), expected, dtype=dtype)
