@@ -88,7 +88,8 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const at::Te
 at::Tensor conv_nhwc(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   return at::convolution(as_nhwc(x), weight.contiguous(at::MemoryFormat::ChannelsLast), std::nullopt,
-                         stride, padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups)
+                         stride, padding, effective_dilation(weight, dilation), /*transposed=*/false,
+                         /*output_padding=*/{0, 0}, groups)
       .contiguous(at::MemoryFormat::ChannelsLast);
 }
 

@@ -44,6 +44,17 @@ inline void check_channel_vector(const at::Tensor& ref, const at::Tensor& t, con
               " must be floating point, got ", t.scalar_type());
 }
 
+// The dilation with 1 along every kernel dimension of size 1, where dilation
+// changes nothing: oneDNN crashes on some channels_last convolutions with a
+// dilated size-1 kernel dimension (e.g. a 3x1 kernel, dilation 2, stride 2,
+// input width 1), so no convolution is handed one.
+inline std::vector<int64_t> effective_dilation(const at::Tensor& weight, at::IntArrayRef dilation) {
+  std::vector<int64_t> result(dilation.begin(), dilation.end());
+  for (size_t d = 0; d < result.size() && d + 2 < static_cast<size_t>(weight.dim()); ++d)
+    if (weight.size(2 + d) == 1) result[d] = 1;
+  return result;
+}
+
 // Validation shared by every device's implementation of each op.
 void check_bias_act_args(const at::Tensor& y, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual);

@@ -7,6 +7,8 @@ through the same namespace's backward kernels.
 """
 import torch
 
+from .validation import effective_dilation
+
 
 def register(namespace: str) -> None:
     kernels = getattr(torch.ops, namespace)
@@ -14,7 +16,7 @@ def register(namespace: str) -> None:
     def conv_setup(ctx, inputs, output):
         x, weight, bias, residual, stride, padding, dilation, groups, relu = inputs
         ctx.save_for_backward(x, weight, output)
-        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.conv_args = (stride, padding, effective_dilation(weight.shape, dilation), groups)
         ctx.relu, ctx.bias_dtype, ctx.has_residual = relu, bias.dtype, residual is not None
 
     def conv_backward(ctx, grad_out):
@@ -26,8 +28,13 @@ def register(namespace: str) -> None:
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = None
         if need_x or need_w:  # d input and d weight: aten's convolution backward
+            conv_dz, conv_x = dz, x
+            if dz.device.type == "cpu" and dz.dtype == torch.bfloat16:
+                # aten's CPU bf16 convolution backward on channels_last tensors returns
+                # garbage weight gradients for taps that meet only padding; NCHW is right.
+                conv_dz, conv_x = dz.contiguous(), x.contiguous()
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                dz, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+                conv_dz, conv_x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
             )
         grad_residual = dz if ctx.has_residual else None
         return grad_x, grad_w, grad_bias.to(ctx.bias_dtype), grad_residual, None, None, None, None, None

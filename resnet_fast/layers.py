@@ -137,6 +137,8 @@ def clear_fold_caches(module: nn.Module) -> None:
     watch); optimizer steps, in-place edits under torch.no_grad(),
     load_state_dict and .to() are detected without it.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     for m in module.modules():
         for cache in m.__dict__.get("_fold_caches", {}).values():
             cache.clear()

@@ -20,8 +20,13 @@ from .validation import (
     check_bn_train_args,
     check_channel_vector,
     check_conv_args,
+    check_eps,
+    check_flag,
     check_like,
+    check_momentum,
     conv_output_shape,
+    crop_for_unit_outputs,
+    effective_dilation,
 )
 
 __all__ = ["conv_bias_act", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
@@ -68,11 +73,14 @@ def conv_bias_act(
     (prepack_conv_weight) on the native CPU backend, for inference.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if weight.is_mkldnn:
+    check_flag(relu, "relu")
+    if isinstance(weight, Tensor) and weight.is_mkldnn:
         return torch.ops.resnet_fast.conv_bias_act(
             x, weight, bias, residual, stride, padding, dilation, groups, relu
         )
     check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups)
+    dilation = effective_dilation(weight.shape, dilation)
+    x, stride, padding = crop_for_unit_outputs(x, weight.shape, stride, padding, dilation)
     backend = resolve_backend(backend, x.device)
     if backend == "reference":
         return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
@@ -87,14 +95,15 @@ def bias_act(
     check_channel_vector(y, bias, "bias", y.shape[1])
     if residual is not None:
         check_like(y, residual, "residual", shape=y.shape)
-    backend = resolve_backend(backend, y.device)
-    if backend == "reference":
-        return reference.bias_act(y, bias, residual, relu)
+    check_flag(relu, "relu")
     if backend == "triton":
         raise NotImplementedError(
             "resnet_fast: bias_act has no Triton kernel of its own (the Triton conv_bias_act fuses it); "
             "use backend='native' or 'reference'"
         )
+    backend = resolve_backend(backend, y.device)
+    if backend == "reference":
+        return reference.bias_act(y, bias, residual, relu)
     return torch.ops.resnet_fast.bias_act(y, bias, residual, relu)
 
 
@@ -120,6 +129,9 @@ def bn_act_train(
     Differentiable in x, weight, bias and residual.
     """
     count = check_bn_train_args(x, weight, bias, residual)
+    check_momentum(momentum)
+    check_eps(eps)
+    check_flag(relu, "relu")
     channels = x.shape[1]
     if (running_mean is None) != (running_var is None):
         raise ValueError("resnet_fast: give both running_mean and running_var, or neither")
@@ -152,12 +164,17 @@ def fold_bn(
 
     Computed in fp32 and cast back to the weight's dtype; differentiable.
     """
+    if not isinstance(weight, Tensor) or not weight.is_floating_point():
+        raise TypeError(f"resnet_fast: weight must be a floating-point tensor, got {getattr(weight, 'dtype', weight)!r}")
     if weight.dim() != 4:
         raise ValueError(f"resnet_fast: weight must be 4-D (K, C/groups, R, S), got {weight.dim()}-D")
     out_channels = weight.shape[0]
     for name, t in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var), ("conv_bias", conv_bias)):
-        if t is not None and tuple(t.shape) != (out_channels,):
-            raise ValueError(f"resnet_fast: {name} must have shape ({out_channels},), got {tuple(t.shape)}")
+        if t is None and name in ("mean", "var"):
+            raise TypeError(f"resnet_fast: {name} must be a Tensor (the running statistic), got None")
+        if t is not None:
+            check_channel_vector(weight, t, name, out_channels)
+    check_eps(eps)
     return reference.fold_bn(weight, gamma, beta, mean, var, eps, conv_bias)
 
 
@@ -170,22 +187,28 @@ def prepack_conv_weight(
     input_size: Optional[Sequence[int]] = None,
 ) -> Optional[Tensor]:
     """weight reordered into oneDNN's blocked layout for CPU inference, or
-    None where that does not apply (not a CPU float32 weight, no oneDNN, or
-    no native extension).
+    None where that does not apply (not a CPU float32 weight, no oneDNN, no
+    native extension, or a weight with NaN or Inf: the native kernels fuse
+    ReLU only for finite operands, and a packed weight is not checked again).
 
     input_size, the shape of a typical input, lets oneDNN choose the layout
     its kernel for that shape wants; without it some layers run slower than
     with the plain weight. Other input shapes still work.
     """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"resnet_fast: weight must be a 4-D tensor (K, C/groups, R, S), got {getattr(weight, 'shape', weight)}")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"resnet_fast: groups={groups} must be a positive int dividing the output channels ({weight.shape[0]})")
     if not (native_loaded() and torch.backends.mkldnn.is_available()):
         return None
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.isfinite(weight).all():
         return None
     return torch.ops.mkldnn._reorder_convolution_weight(
         weight.detach(),
-        _pair(padding, "padding"),
-        _pair(stride, "stride"),
-        _pair(dilation, "dilation"),
+        padding,
+        stride,
+        effective_dilation(weight.shape, dilation),
         groups,
         None if input_size is None else list(input_size),
     )

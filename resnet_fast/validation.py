@@ -2,6 +2,8 @@
 and the Triton launchers (so a direct torch.ops call is checked too). Every
 error names the argument and what was expected; `prefix` says who raised it.
 """
+import math
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -14,6 +16,8 @@ PREFIX = "resnet_fast:"
 def check_activation(t: Tensor, name: str, prefix: str = PREFIX) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{prefix} {name} must be a Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{prefix} {name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dim() != 4:
         raise ValueError(f"{prefix} {name} must be 4-D (N, C, H, W), got {t.dim()}-D of shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
@@ -41,6 +45,34 @@ def check_like(ref: Tensor, t: Tensor, name: str, shape: Optional[Sequence[int]]
 def check_channel_vector(ref: Tensor, t: Tensor, name: str, channels: int, prefix: str = PREFIX) -> None:
     """One floating-point value per channel, on ref's device."""
     check_like(ref, t, name, shape=(channels,), same_dtype=False, prefix=prefix)
+
+
+def effective_dilation(weight_shape, dilation) -> Tuple[int, int]:
+    """dilation with 1 along each kernel dimension of size 1, where it changes
+    nothing. PyTorch's oneDNN convolutions crash on some channels_last inputs
+    with a dilated size-1 kernel dimension (e.g. a 3x1 kernel, dilation 2,
+    stride 2, input width 1), so no backend is handed one."""
+    return tuple(1 if weight_shape[2 + d] == 1 else int(dilation[d]) for d in range(2))
+
+
+def crop_for_unit_outputs(x: Tensor, weight_shape, stride, padding, dilation):
+    """(x, stride, padding) rewritten where an output dimension has size 1
+    and a stride > 1: x reduced to the one window (zero-padded explicitly
+    where the window reaches into padding), stride 1, padding 0. The same
+    result; PyTorch's oneDNN convolutions on channels_last input got it
+    wrong otherwise (e.g. stride (1, 2) with a single output column: rows
+    of the output were wrong)."""
+    stride, padding = list(stride), list(padding)
+    for d in range(2):
+        extent = dilation[d] * (weight_shape[2 + d] - 1) + 1
+        if stride[d] > 1 and (x.shape[2 + d] + 2 * padding[d] - extent) // stride[d] == 0:
+            if padding[d]:
+                pad = [0, 0, 0, 0]
+                pad[2 * (1 - d)] = pad[2 * (1 - d) + 1] = padding[d]
+                x = torch.nn.functional.pad(x, pad)
+            x = x.narrow(2 + d, 0, extent)
+            stride[d], padding[d] = 1, 0
+    return x, tuple(stride), tuple(padding)
 
 
 def conv_output_shape(x_shape, w_shape, stride, padding, dilation, prefix: str = PREFIX) -> Tuple[int, int, int, int]:
@@ -103,3 +135,29 @@ def check_bn_train_args(x, weight, bias, residual, prefix: str = PREFIX) -> int:
             f"{prefix} batch norm in training needs more than 1 value per channel, got input of shape {tuple(x.shape)}"
         )
     return count
+
+
+def check_flag(value, name: str, prefix: str = PREFIX) -> None:
+    """A plain bool (a truthy tensor or string is a mistake, not a choice)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{prefix} {name} must be a bool, got {type(value).__name__}")
+
+
+def _number(value) -> bool:
+    """A real Python number, or a symbolic one while torch.compile traces
+    (whose range is checked when the compiled code runs with real values)."""
+    return isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)) and not isinstance(value, bool)
+
+
+def check_eps(eps, prefix: str = PREFIX) -> None:
+    if not _number(eps):
+        raise TypeError(f"{prefix} eps must be a float, got {type(eps).__name__}")
+    if isinstance(eps, numbers.Real) and not (eps > 0 and math.isfinite(eps)):
+        raise ValueError(f"{prefix} eps must be a positive finite number, got {eps}")
+
+
+def check_momentum(momentum, prefix: str = PREFIX) -> None:
+    if not _number(momentum):
+        raise TypeError(f"{prefix} momentum must be a float in [0, 1], got {type(momentum).__name__}")
+    if isinstance(momentum, numbers.Real) and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{prefix} momentum must be in [0, 1], got {momentum}")

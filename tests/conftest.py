@@ -8,6 +8,7 @@ if not os.path.exists("/dev/nvidiactl"):
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import resnet_fast  # noqa: E402
 from resnet_fast.backends import available_backends, triton_interpreted  # noqa: E402
@@ -22,6 +23,14 @@ ELEM_TOL = {
 }
 
 HAS_CUDA = torch.cuda.is_available()
+
+# Hypothesis profiles of the fuzz tests (tests/test_fuzz.py). "ci", the
+# default: bounded and derandomized, so every CI run draws the same examples.
+# "long" (RESNET_FAST_FUZZ_PROFILE=long): thousands of fresh examples per op.
+_FUZZ_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=40, derandomize=True, database=None, **_FUZZ_COMMON)
+settings.register_profile("long", max_examples=2000, **_FUZZ_COMMON)
+settings.load_profile(os.environ.get("RESNET_FAST_FUZZ_PROFILE", "ci"))
 
 
 def kernel_backends():

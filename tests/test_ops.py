@@ -387,3 +387,97 @@ def test_native_bn_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(saved)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------ found by the fuzz tests
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dilation_along_a_size_one_kernel_dimension(backend, dtype):
+    """oneDNN crashed (SIGSEGV) on channels_last convolutions dilating a
+    kernel dimension of size 1; dilation there changes nothing, so it is
+    dropped before any backend runs."""
+    x = channels_last(torch.randn(2, 4, 9, 1, dtype=dtype))
+    weight, bias = torch.randn(6, 4, 3, 1, dtype=dtype), torch.randn(6, dtype=dtype)
+    args = dict(stride=(1, 2), padding=(3, 3), dilation=(2, 2), relu=False)
+    expected = F.conv2d(x.float().contiguous(), weight.float(), bias.float(), (1, 2), (3, 3), (2, 1))
+    out = ops.conv_bias_act(x.requires_grad_(), weight, bias, backend=backend, **args)
+    assert_rel(out.float(), expected, dtype=dtype)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 1, 3, 3), (2, 5, 1, 1)])
+def test_conv_output_is_channels_last_for_ambiguous_shapes(backend, shape):
+    """Shapes whose NCHW and NHWC strides coincide in part (C == 1, H == W
+    == 1): the output is channels_last all the same, as the fake kernel says."""
+    x = torch.randn(shape)
+    weight, bias = torch.randn(2, shape[1], 1, 1), torch.randn(2)
+    out = ops.conv_bias_act(x, weight, bias, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "weight", "bias", "residual"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_conv_relu_keeps_nan_like_torch(backend, where, value):
+    """NaN through the fused ReLU stays NaN (oneDNN's fused ReLU made it 0),
+    and infinities land where the reference puts them."""
+    x, weight, bias, args = make_conv("3x3s1_batch1", torch.float32)
+    inputs = dict(x=x, weight=weight, bias=bias, residual=torch.randn(conv_out_shape(x, weight, args)))
+    inputs[where] = inputs[where].contiguous().clone()
+    inputs[where].view(-1)[torch.randint(0, inputs[where].numel(), (1,))] = value
+    expected = reference.conv_bias_act(**inputs, **{k: (v, v) if k != "groups" else v for k, v in args.items()})
+    out = ops.conv_bias_act(**inputs, relu=True, backend=backend, **args)
+    assert not expected.isfinite().all()
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out, expected, equal_nan=True)
+
+
+def test_prepack_declines_non_finite_weights():
+    weight = torch.randn(4, 3, 3, 3)
+    weight[1, 2, 0, 0] = float("nan")
+    assert ops.prepack_conv_weight(weight, 1, 1, 1, 1) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_conv_weight_gradient_where_taps_meet_only_padding(backend):
+    """aten's CPU bf16 convolution backward on channels_last tensors leaves
+    garbage in the weight gradient of taps that meet only padding (here the
+    outer taps of a 1x3 kernel over a width-1 input); the ops' backward is
+    right. Repeated: the garbage is whatever memory held."""
+    for _ in range(10):
+        x = channels_last(torch.randn(2, 2, 2, 1)).bfloat16()
+        weight, bias = torch.randn(1, 2, 1, 3).bfloat16(), torch.randn(1).bfloat16()
+        grad = torch.randn(2, 1, 2, 2).bfloat16()
+        grads = []
+        for dtype, b in ((torch.float32, "reference"), (torch.bfloat16, backend)):
+            leaves = [t.to(dtype).requires_grad_() for t in (x, weight, bias)]
+            ops.conv_bias_act(*leaves, stride=(1, 2), padding=(0, 2), relu=False, backend=b).backward(grad.to(dtype))
+            grads.append([leaf.grad for leaf in leaves])
+        for got, expected in zip(grads[1], grads[0]):
+            assert_rel(got.float(), expected, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("geometry", [
+    # (C, K, groups, kernel, H, W, stride, padding): one output column or row
+    (1, 1, 1, (5, 7), 1, 7, (1, 2), (3, 0)),
+    (1, 2, 1, (5, 7), 6, 3, (1, 2), (2, 2)),
+    (2, 4, 2, (5, 7), 6, 5, (1, 2), (1, 1)),
+    (3, 6, 3, (3, 5), 2, 4, (1, 2), (2, 1)),
+])
+def test_conv_with_a_single_output_column(backend, dtype, geometry):
+    """PyTorch's oneDNN convolutions on channels_last input computed wrong
+    rows when a strided dimension has one output (seen: stride (1, 2), one
+    output column); the ops compute that window with stride 1."""
+    c, k, groups, kernel, h, w, stride, padding = geometry
+    # NHWC strides even for C == 1 (what a copy to channels_last gives a strided view)
+    x = torch.empty_strided((2, c, h, w), (h * w * c, 1, w * c, c), dtype=dtype).copy_(torch.randn(2, c, h, w))
+    weight, bias = torch.randn(k, c // groups, *kernel).to(dtype), torch.randn(k)
+    expected = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, 1, groups)
+    out = ops.conv_bias_act(x, weight, bias, stride=stride, padding=padding, groups=groups, relu=False, backend=backend)
+    assert out.shape == expected.shape
+    assert_rel(out.double(), expected, dtype=dtype)

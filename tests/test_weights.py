@@ -141,3 +141,47 @@ def test_from_torchvision_keeps_replaced_modules_and_mode(tv18):
 def test_from_torchvision_rejects_other_models():
     with pytest.raises(TypeError, match="is not a torchvision ResNet"):
         resnet_fast.from_torchvision(torchvision.models.mobilenet_v3_small())
+
+
+# ------------------------------------------------------------ safe loading
+
+class _Payload:
+    """Unpickling this runs os.mkdir(path): what weights_only must prevent."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_pickled_code_is_never_run(tmp_path, tv18):
+    marker = tmp_path / "created_by_unpickling"
+    path = tmp_path / "trojan.pth"
+    torch.save({**tv18.state_dict(), "extra": _Payload(str(marker))}, path)
+    with pytest.raises(ValueError, match=r"trojan\.pth could not be read .*weights_only=True") as info:
+        resnet_fast.resnet18(weights=str(path), num_classes=7)
+    assert not marker.exists()
+    assert "mkdir" in str(info.value)  # torch names what it refused
+
+
+@pytest.mark.parametrize("damage", ["flip@0.2", "flip@0.5", "flip@0.8", "cut@0.3", "cut@0.9", "cut@0.999"])
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_damaged_files_are_refused_naming_the_file(tmp_path, tv18, fmt, damage):
+    """A truncated file, or one with a flipped byte anywhere (.pth: zip
+    checksums; .safetensors has none for its data, so only header damage
+    and truncation are detectable there)."""
+    path = tmp_path / f"damaged.{fmt}"
+    state = {k: v.contiguous() for k, v in tv18.state_dict().items()}
+    torch.save(state, path) if fmt == "pth" else save_file(state, str(path))
+    data = bytearray(path.read_bytes())
+    kind, where = damage.split("@")
+    if kind == "flip":
+        if fmt == "safetensors":  # inside the JSON header
+            where = 8 / len(data) + float(where) * int.from_bytes(data[:8], "little") / len(data)
+        data[int(len(data) * float(where))] ^= 0xFF
+    else:
+        data = data[:int(len(data) * float(where))]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"damaged.{fmt}"):
+        resnet_fast.resnet18(weights=str(path), num_classes=7)

@@ -5,6 +5,8 @@
 // route: aten convolution, then the in-place epilogue.
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <cmath>
+
 #include "../resnet_fast.h"
 #include "cpu_ops.h"
 
@@ -41,6 +43,18 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const at::
   return stack[0].toTensor();
 }
 
+// oneDNN's fused ReLU is max(v, 0), which turns NaN into 0 where torch.relu
+// (and the reference) keeps it. A NaN can only come from a non-finite operand,
+// so the ReLU is fused only when every operand is finite: a sum is finite only
+// then (or after an overflow, which just takes the unfused route). A prepacked
+// weight is finite (prepack_conv_weight packs no other).
+bool finite_operands(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                     const std::optional<at::Tensor>& residual) {
+  const auto finite = [](const at::Tensor& t) { return std::isfinite(t.sum(at::kFloat).item<float>()); };
+  return finite(bias) && (weight.is_mkldnn() || finite(weight)) && (!residual.has_value() || finite(*residual)) &&
+         finite(x);
+}
+
 }  // namespace
 
 at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
@@ -52,8 +66,14 @@ at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const
                 x_in.scalar_type());
   if (onednn_fuses(x_in)) {
     const at::Tensor w = weight.is_mkldnn() ? weight : weight.contiguous(at::MemoryFormat::ChannelsLast);
-    return onednn_conv(as_nhwc(x_in), w, bias.to(x_in.scalar_type()), residual, stride, padding, dilation, groups,
-                       relu);
+    const bool fuse_relu = relu && finite_operands(x_in, weight, bias, residual);
+    // oneDNN picks its output layout from the input's strides, which are
+    // ambiguous for some shapes (C == 1, H == W == 1): the contract is NHWC.
+    at::Tensor out = onednn_conv(as_nhwc(x_in), w, bias.to(x_in.scalar_type()), residual, stride, padding,
+                                 effective_dilation(weight, dilation), groups, fuse_relu)
+                         .contiguous(at::MemoryFormat::ChannelsLast);
+    if (relu && !fuse_relu) out.relu_();
+    return out;
   }
   at::Tensor y = conv_nhwc(x_in, weight, stride, padding, dilation, groups);
   bias_act_inplace(y, bias, residual, relu);

@@ -1,6 +1,7 @@
 """ResNet, BasicBlock and Bottleneck with torchvision's module tree and
 state_dict keys, running on the fused ops (resnet_fast.layers)."""
-from typing import Callable, List, Optional, Sequence, Tuple, Type, Union
+import numbers
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.fx
@@ -37,6 +38,8 @@ def check_resnet_input(x: Tensor, conv1: nn.Module) -> None:
     """Raise a clear error when x cannot be the input of a ResNet whose first conv is conv1."""
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a Tensor input, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise ValueError(f"expected a dense (strided) input, got layout {x.layout}; convert it with x.to_dense()")
     if x.dim() != 4:
         raise ValueError(
             f"expected a 4-D input (N, C, H, W), got {x.dim()}-D of shape {tuple(x.shape)}"
@@ -162,6 +165,24 @@ class Bottleneck(_FusedBlock):
         return self._fused("conv3", "bn3", out, residual=identity)
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_architecture(block, layers, num_classes, groups, width_per_group, norm_layer) -> None:
+    """ResNet's constructor arguments, each named in its error."""
+    if not (isinstance(block, type) and issubclass(block, nn.Module) and isinstance(getattr(block, "expansion", None), int)):
+        raise TypeError(f"block must be BasicBlock, Bottleneck or a block class like them (with `expansion`), got {block!r}")
+    counts = list(layers) if isinstance(layers, Iterable) and not isinstance(layers, (str, bytes)) else None
+    if counts is None or len(counts) != 4 or not all(_positive_int(n) for n in counts):
+        raise ValueError(f"layers must be 4 positive block counts, got {layers!r}")
+    for name, value in (("num_classes", num_classes), ("groups", groups), ("width_per_group", width_per_group)):
+        if not _positive_int(value):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if norm_layer is not None and not callable(norm_layer):
+        raise TypeError(f"norm_layer must be callable (channels -> module), got {type(norm_layer).__name__}")
+
+
 class ResNet(nn.Module):
     """torchvision.models.ResNet on fused kernels.
 
@@ -202,13 +223,12 @@ class ResNet(nn.Module):
         out_indices: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
+        _check_architecture(block, layers, num_classes, groups, width_per_group, norm_layer)
         if norm_layer is None:
             norm_layer = nn.BatchNorm2d
         if out_indices is not None and not features_only:
             raise ValueError("out_indices selects the outputs of a features_only model: pass features_only=True too")
         self._norm_layer = norm_layer
-        if len(layers) != 4 or any(int(n) < 1 for n in layers):
-            raise ValueError(f"layers must be 4 positive block counts, got {list(layers)}")
         if replace_stride_with_dilation is None:
             replace_stride_with_dilation = [False, False, False]
         if len(replace_stride_with_dilation) != 3:

@@ -1,6 +1,7 @@
 """Reading weights files safely (no download, no arbitrary unpickling) and
 loading them with errors that say exactly what does not fit."""
 import os
+import zipfile
 from typing import Any, Dict, Mapping, Sequence, Union
 
 import torch
@@ -25,6 +26,21 @@ def _cached_torchvision_file(weights: Any) -> str:
     return path
 
 
+def _check_zip_checksums(path: str) -> None:
+    """torch.save writes a zip archive with a CRC-32 per entry, which
+    torch.load does not verify: a flipped bit in the tensor data would load
+    as a wrong weight. Verify them (one extra read of the file)."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy format, or not torch's: torch.load decides
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"{path} is a damaged zip archive (truncated or corrupted): {exc}") from exc
+    if bad is not None:
+        raise ValueError(f"{path} is corrupted: the checksum of its entry {bad!r} does not match its data")
+
+
 def _read_file(path: str) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -35,6 +51,7 @@ def _read_file(path: str) -> Any:
             return load_file(path, device="cpu")
         except Exception as exc:  # safetensors raises its own error types
             raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+    _check_zip_checksums(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -91,6 +108,8 @@ def load_weights(model: nn.Module, weights: WeightsSource, exclude: Sequence[str
     saved from FrozenBatchNorm2d layers, e.g. detection backbones, have none):
     BatchNorm fills it in itself.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     exclude = tuple(exclude)
     is_removed_key = getattr(model, "is_removed_key", None) or (lambda key: False)
     state = {k: v for k, v in read_state_dict(weights).items() if not k.startswith(exclude) and not is_removed_key(k)}
