@@ -90,8 +90,10 @@ def _train(args, ctx) -> Dict:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     parse_freeze(getattr(args, "freeze", "none"))
     resume = load_checkpoint(args.resume) if args.resume else None
-    if resume is not None:
+    if resume is not None:  # the run's own architecture, and its data and size unless given again
         args.arch = resume["arch"]
+        args.data = args.data if args.data is not None else resume["config"].get("data")
+        args.image_size = args.image_size or resume["preprocess"]["image_size"]
     train_split = load_split(args.data, "train", args.image_size, per_class_limit=args.train_limit)
     if resume is not None and resume["class_names"] != train_split.class_names:
         raise ValueError(
