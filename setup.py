@@ -6,9 +6,13 @@ present. Environment:
   FORCE_CUDA=1            fail instead of skipping CUDA when nvcc is missing
   RESNET_FAST_CPU_ONLY=1  skip the CUDA sources (a quick CPU-only build)
   TORCH_CUDA_ARCH_LIST    GPU architectures (default without a visible GPU: 8.0;9.0)
+  CUTLASS_PATH            a CUTLASS checkout whose include/ to use (default: the
+                          headers of the installed nvidia-cutlass wheel); without
+                          either, conv_bias_act on CUDA runs on cuDNN only
   MAX_JOBS                parallel compile jobs (ninja)
 """
 import glob
+import importlib.util
 import os
 import shutil
 import sys
@@ -76,6 +80,22 @@ def _nvidia_wheel_include_dirs():
     return sorted(dirs)
 
 
+def _cutlass_include_dir():
+    """CUTLASS's header folder: $CUTLASS_PATH/include, else the nvidia-cutlass
+    wheel's copy (found without importing its Python package); None if neither."""
+    candidates = []
+    if os.environ.get("CUTLASS_PATH"):
+        candidates.append(os.path.join(os.environ["CUTLASS_PATH"], "include"))
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        for base in spec.submodule_search_locations:
+            candidates.append(os.path.join(base, "source", "include"))
+    for include in candidates:
+        if os.path.exists(os.path.join(include, "cutlass", "conv", "device", "implicit_gemm_convolution.h")):
+            return include
+    return None
+
+
 def _sources(*patterns):
     return sorted(
         os.path.relpath(path, ROOT)
@@ -103,11 +123,22 @@ def _extension():
         )
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    include_dirs = [os.path.join(ROOT, "csrc")] + _nvidia_wheel_include_dirs()
+    define_macros = [("RESNET_FAST_WITH_CUDA", None)]
+    cuda_sources = _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
+    cutlass_include = _cutlass_include_dir()
+    if cutlass_include is not None:
+        include_dirs.append(cutlass_include)
+        define_macros.append(("RESNET_FAST_WITH_CUTLASS", None))
+    else:
+        print("resnet_fast: CUTLASS headers not found (pip install nvidia-cutlass or set CUTLASS_PATH); "
+              "conv_bias_act on CUDA will run on cuDNN only", file=sys.stderr)
+        cuda_sources = [s for s in cuda_sources if not os.path.basename(s).startswith("conv_cutlass_")]
     return cpp_extension.CUDAExtension(
         "resnet_fast._C",
-        sources + _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu"),
-        include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_wheel_include_dirs(),
-        define_macros=[("RESNET_FAST_WITH_CUDA", None)],
+        sources + cuda_sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
         extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags,

@@ -4,13 +4,18 @@ the ways that matter:
   eager                     conv, BatchNorm, (add), ReLU as torchvision runs them
   folded                    aten conv with BN folded into weight and bias, then one (add +) ReLU
   ours (native|triton)      resnet_fast.ops.conv_bias_act on each kernel backend of the device
+  ours (native, cutlass|cudnn)
+                            on CUDA, the native op with its convolution forced to the
+                            implicit GEMM or to cuDNN + our epilogue (RESNET_FAST_CUDA_CONV;
+                            "ours (native)" takes the implicit GEMM where it can run)
   conv+epilogue             aten conv, then resnet_fast.ops.bias_act (our separate epilogue)
   ours (native, prepacked)  the native op with the weight prepacked for oneDNN (CPU only)
 
 On the CPU these are the candidate implementations of conv_bias_act; the
 kernel uses whichever this measures fastest.
 """
-from typing import Dict, List
+import os
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +57,30 @@ def conv_shapes(arch: str, batch: int, size: int) -> List[Dict]:
     return layers
 
 
+def _with_cuda_conv(algorithm: str, fn: Callable) -> Callable:
+    """fn with RESNET_FAST_CUDA_CONV set to algorithm while it runs."""
+    def run(x):
+        saved = os.environ.get("RESNET_FAST_CUDA_CONV")
+        os.environ["RESNET_FAST_CUDA_CONV"] = algorithm
+        try:
+            return fn(x)
+        finally:
+            if saved is None:
+                del os.environ["RESNET_FAST_CUDA_CONV"]
+            else:
+                os.environ["RESNET_FAST_CUDA_CONV"] = saved
+    return run
+
+
+def _implicit_gemm_takes(x, weight, residual, args) -> bool:
+    """Whether the native CUDA op's implicit GEMM can run this convolution,
+    whatever RESNET_FAST_CUDA_CONV says now."""
+    pair = lambda v: [v, v]  # noqa: E731
+    query = lambda x: torch.ops.resnet_fast_cuda.conv_algorithm(  # noqa: E731
+        x, weight, residual, pair(args["stride"]), pair(args["padding"]), pair(args["dilation"]), args["groups"])
+    return _with_cuda_conv("auto", query)(x) == "cutlass"
+
+
 def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
     n, c, h, w = layer["input"]
     k, r, s, p, d, g = (layer[key] for key in ("out_channels", "kernel", "stride", "padding", "dilation", "groups"))
@@ -87,6 +116,11 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
     for backend in kernel_backends(device):
         contenders[f"ours ({backend})"] = lambda x, backend=backend: ops.conv_bias_act(
             x, weight, bias, residual, relu=relu, backend=backend, **args)
+    if device.type == "cuda" and "native" in kernel_backends(device):
+        native = contenders["ours (native)"]
+        if _implicit_gemm_takes(x, weight, residual, args):
+            contenders["ours (native, cutlass)"] = _with_cuda_conv("cutlass", native)
+        contenders["ours (native, cudnn)"] = _with_cuda_conv("cudnn", native)
     contenders["conv+epilogue"] = lambda x: ops.bias_act(F.conv2d(x, weight, None, **args), bias, residual, relu,
                                                          "native")
     packed = ops.prepack_conv_weight(weight, s, p, d, g, x.shape) if device.type == "cpu" else None

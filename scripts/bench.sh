@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet -r requirements/bench.txt
+python -m pip install --quiet --no-deps -r requirements/cutlass.txt
 python -m pip install --quiet --no-build-isolation -e .
 python -m benchmarks "$@"

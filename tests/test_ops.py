@@ -28,8 +28,10 @@ CONV_CASES = {
 }
 
 
-def make_conv(case, dtype, layout="channels_last"):
-    n, c, h, w, k, r, stride, padding, dilation, groups = CONV_CASES[case]
+def make_conv(case, dtype, layout="channels_last", cases=CONV_CASES):
+    """Random x, weight, bias and the conv arguments of cases[case], a tuple
+    (n, c, h, w, k, kernel size, stride, padding, dilation, groups)."""
+    n, c, h, w, k, r, stride, padding, dilation, groups = cases[case]
     x = torch.randn(n, c, h, w, dtype=dtype)
     if layout == "channels_last":
         x = channels_last(x)

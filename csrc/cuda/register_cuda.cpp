@@ -1,9 +1,12 @@
-// CUDA kernels of the resnet_fast ops. conv_bias_act is cuDNN's convolution
-// (through aten) followed by our fused epilogue, in place on its NHWC output.
+// CUDA kernels of the resnet_fast ops. conv_bias_act is our implicit-GEMM
+// convolution with the epilogue fused (conv_cutlass.h) where it can run, and
+// elsewhere cuDNN's convolution (through aten) followed by our fused
+// epilogue, in place on its NHWC output.
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../resnet_fast.h"
+#include "conv_cutlass.h"
 #include "cuda_ops.h"
 
 namespace resnet_fast::gpu {
@@ -14,6 +17,14 @@ at::Tensor conv_bias_act(const at::Tensor& x, const at::Tensor& weight, const at
   check_cuda(x, "x");
   check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups);
   const at::cuda::CUDAGuard guard(x.device());
+  if (requested_conv_algorithm() != ConvAlgorithm::kCudnn) {
+    const at::Tensor x_nhwc = as_nhwc(x);
+    const at::Tensor weight_nhwc = weight.contiguous(at::MemoryFormat::ChannelsLast);
+    std::optional<at::Tensor> residual_nhwc;
+    if (residual.has_value()) residual_nhwc = as_nhwc(*residual);
+    if (!cudnn_reason(x_nhwc, weight_nhwc, residual_nhwc, stride, padding, dilation, groups).has_value())
+      return conv_bias_act_cutlass(x_nhwc, weight_nhwc, bias, residual_nhwc, stride, padding, dilation, relu);
+  }
   at::Tensor y = conv_nhwc(x, weight, stride, padding, dilation, groups);  // fresh, channels_last
   bias_act_inplace(y, bias, residual, relu);
   return y;

@@ -1,0 +1,158 @@
+// Host side of the implicit-GEMM conv_bias_act: which convolutions it takes,
+// the choice against cuDNN, and the launch from at::Tensors. The kernels are
+// in conv_cutlass_{f16,bf16}.cu.
+#include "conv_cutlass.h"
+
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <sstream>
+
+#include "../resnet_fast.h"
+
+namespace resnet_fast::gpu {
+
+ConvAlgorithm requested_conv_algorithm() {
+  const char* value = std::getenv("RESNET_FAST_CUDA_CONV");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return ConvAlgorithm::kAuto;
+  if (std::strcmp(value, "cutlass") == 0) return ConvAlgorithm::kCutlass;
+  if (std::strcmp(value, "cudnn") == 0) return ConvAlgorithm::kCudnn;
+  TORCH_CHECK(false, "resnet_fast: RESNET_FAST_CUDA_CONV must be auto, cutlass or cudnn, got '", value, "'");
+}
+
+namespace {
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The kernel indexes with 32-bit offsets.
+bool fits_int32_offsets(int64_t numel, const at::Tensor& like) {
+  return numel * static_cast<int64_t>(like.element_size()) < (int64_t{1} << 31);
+}
+
+int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  return (in + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
+template <typename... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream out;
+  (out << ... << parts);
+  return out.str();
+}
+
+}  // namespace
+
+std::optional<std::string> cutlass_unsupported_reason(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& residual,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, int64_t groups) {
+#if !defined(RESNET_FAST_WITH_CUTLASS)
+  return std::string("the extension was built without the CUTLASS headers (pip install nvidia-cutlass, then reinstall)");
+#else
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16)
+    return concat("it takes float16 and bfloat16, got ", dtype,
+                  " (float32 runs on cuDNN, with TF32 as torch.backends.cudnn.allow_tf32 says)");
+  if (groups != 1) return concat("grouped convolution (groups=", groups, ")");
+  const int64_t C = x.size(1), K = weight.size(0), R = weight.size(2), S = weight.size(3);
+  if (C % 8 != 0 || K % 8 != 0)
+    return concat("input and output channels must be multiples of 8 (16-byte accesses), got ", C, " and ", K);
+  if (R > 32 || S > 32) return concat("kernel ", R, "x", S, " is larger than 32x32");
+  const int64_t P = output_size(x.size(2), R, stride[0], padding[0], dilation[0]);
+  const int64_t Q = output_size(x.size(3), S, stride[1], padding[1], dilation[1]);
+  if (!fits_int32_offsets(x.numel(), x) || !fits_int32_offsets(weight.numel(), x) ||
+      !fits_int32_offsets(x.size(0) * K * P * Q, x))
+    return std::string("a tensor of 2 GiB or more (the kernel uses 32-bit offsets)");
+  if (!x.is_contiguous(at::MemoryFormat::ChannelsLast) || !weight.is_contiguous(at::MemoryFormat::ChannelsLast) ||
+      (residual.has_value() && !residual->is_contiguous(at::MemoryFormat::ChannelsLast)))
+    return std::string("x, weight and residual must be channels_last contiguous");
+  if (!aligned16(x) || !aligned16(weight) || (residual.has_value() && !aligned16(*residual)))
+    return std::string("x, weight and residual must start on 16-byte boundaries");
+  return std::nullopt;
+#endif
+}
+
+std::optional<std::string> cudnn_reason(const at::Tensor& x, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const ConvAlgorithm algorithm = requested_conv_algorithm();
+  if (algorithm == ConvAlgorithm::kCudnn) return std::string("RESNET_FAST_CUDA_CONV=cudnn");
+  std::optional<std::string> reason =
+      cutlass_unsupported_reason(x, weight, residual, stride, padding, dilation, groups);
+  TORCH_CHECK(!reason.has_value() || algorithm == ConvAlgorithm::kAuto,
+              "resnet_fast: RESNET_FAST_CUDA_CONV=cutlass, but the implicit-GEMM convolution cannot run this one: ",
+              *reason);
+  return reason;
+}
+
+at::Tensor conv_bias_act_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+#if !defined(RESNET_FAST_WITH_CUTLASS)
+  TORCH_CHECK(false, "resnet_fast: the extension was built without the CUTLASS headers");
+#else
+  CutlassConvArgs args;
+  args.N = static_cast<int>(x.size(0));
+  args.C = static_cast<int>(x.size(1));
+  args.H = static_cast<int>(x.size(2));
+  args.W = static_cast<int>(x.size(3));
+  args.K = static_cast<int>(weight.size(0));
+  args.R = static_cast<int>(weight.size(2));
+  args.S = static_cast<int>(weight.size(3));
+  const std::vector<int64_t> dil = effective_dilation(weight, dilation);
+  args.P = static_cast<int>(output_size(args.H, args.R, stride[0], padding[0], dil[0]));
+  args.Q = static_cast<int>(output_size(args.W, args.S, stride[1], padding[1], dil[1]));
+  args.pad_h = static_cast<int>(padding[0]);
+  args.pad_w = static_cast<int>(padding[1]);
+  args.stride_h = static_cast<int>(stride[0]);
+  args.stride_w = static_cast<int>(stride[1]);
+  args.dilation_h = static_cast<int>(dil[0]);
+  args.dilation_w = static_cast<int>(dil[1]);
+  args.relu = relu;
+
+  // The epilogue reads the bias 8 floats (32 bytes) at a time.
+  at::Tensor bias_f32 = bias.to(at::kFloat).contiguous();
+  if (reinterpret_cast<uintptr_t>(bias_f32.data_ptr()) % 32 != 0) bias_f32 = bias_f32.clone();
+  at::Tensor out = at::empty({args.N, args.K, args.P, args.Q},
+                             x.options().memory_format(at::MemoryFormat::ChannelsLast));
+
+  args.x = x.data_ptr();
+  args.weight = weight.data_ptr();
+  args.bias = bias_f32.data_ptr<float>();
+  args.residual = residual.has_value() ? residual->data_ptr() : nullptr;
+  args.out = out.data_ptr();
+  const std::string error =
+      x.scalar_type() == at::kHalf ? launch_conv_cutlass_f16(args) : launch_conv_cutlass_bf16(args);
+  TORCH_CHECK(error.empty(), "resnet_fast: the implicit-GEMM convolution failed: ", error);
+  return out;
+#endif
+}
+
+namespace {
+
+// What conv_bias_act would run for these arguments: "cutlass", or "cudnn: "
+// and why. For tests and benchmarks; takes tensors on any device.
+std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                           int64_t groups) {
+  const at::Tensor bias = at::zeros({weight.size(0)}, x.options());
+  check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups);
+  std::optional<at::Tensor> residual_nhwc;
+  if (residual.has_value()) residual_nhwc = as_nhwc(*residual);
+  const std::optional<std::string> reason =
+      cudnn_reason(as_nhwc(x), weight.contiguous(at::MemoryFormat::ChannelsLast), residual_nhwc, stride, padding,
+                   effective_dilation(weight, dilation), groups);
+  return reason.has_value() ? "cudnn: " + *reason : "cutlass";
+}
+
+}  // namespace
+
+}  // namespace resnet_fast::gpu
+
+TORCH_LIBRARY(resnet_fast_cuda, m) {
+  m.def(
+      "conv_algorithm(Tensor x, Tensor weight, Tensor? residual, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups) -> str",
+      &resnet_fast::gpu::conv_algorithm);
+}

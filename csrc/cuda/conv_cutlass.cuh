@@ -1,0 +1,160 @@
+// The implicit-GEMM convolution behind conv_bias_act on CUDA, built from
+// CUTLASS's SM80 conv2d fprop (cp.async multistage mainloop, ldmatrix,
+// mma.sync on tensor cores; it also runs on SM90) with our own epilogue.
+//
+// Why CUTLASS rather than mma.sync by hand: the convolution iterators (masks
+// for padding, stride and dilation, predicated 16-byte loads) and the
+// shared-memory swizzles are the part a hand-written kernel gets subtly wrong,
+// and CUTLASS's are tested across every shape class we need. What is ours is
+// the epilogue: bias, residual and ReLU applied to the fp32 accumulators and
+// stored once. It is header-only (the nvidia-cutlass wheel ships the headers),
+// so it builds with the rest of the extension.
+//
+// GEMM view: M = N*P*Q output pixels, N = K output channels, reduction over
+// R*S*C. One tile configuration per dtype keeps the build within CI's time;
+// a shape it suits badly goes to cuDNN through resnet_fast.tune().
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ATen.h>
+
+#include <cutlass/conv/conv2d_problem_size.h>
+#include <cutlass/conv/device/implicit_gemm_convolution.h>
+#include <cutlass/conv/kernel/default_conv2d_fprop_with_broadcast.h>
+#include <cutlass/cutlass.h>
+#include <cutlass/numeric_conversion.h>
+
+#include <string>
+
+#include "conv_cutlass.h"
+
+namespace resnet_fast::gpu {
+
+// out = act(accumulator + bias + residual), computed in fp32 and cast once:
+// the output functor of CUTLASS's epilogue-with-broadcast, where the
+// broadcast vector is the bias and the source tensor the residual. Whether
+// there is a residual and whether to apply ReLU are run-time parameters, so
+// one kernel serves every conv_bias_act variant; without a residual the
+// epilogue never reads the source tensor.
+template <typename Element, int Count>
+class BiasResidualAct {
+ public:
+  static bool const kIsSingleSource = true;  // one source tensor: the residual
+  using ElementOutput = Element;
+  using ElementC = Element;
+  using ElementAccumulator = float;
+  using ElementCompute = float;
+  using ElementVector = float;  // the bias
+  using ElementZ = Element;     // the output
+  using ElementT = Element;     // a second output, never stored (kStoreT)
+  static int const kElementsPerAccess = Count;
+  static int const kCount = Count;
+  using FragmentAccumulator = cutlass::Array<float, Count>;
+  using FragmentCompute = cutlass::Array<float, Count>;
+  using FragmentC = cutlass::Array<Element, Count>;
+  using FragmentOutput = cutlass::Array<Element, Count>;
+  using FragmentZ = cutlass::Array<Element, Count>;
+  using FragmentT = cutlass::Array<Element, Count>;
+  static bool const kIsHeavy = false;
+  static bool const kStoreZ = true;
+  static bool const kStoreT = false;
+
+  struct Params {
+    bool has_residual = false;
+    bool relu = false;
+  };
+
+  CUTLASS_HOST_DEVICE explicit BiasResidualAct(Params const& params) : params_(params) {}
+
+  CUTLASS_HOST_DEVICE bool is_source_needed() const { return params_.has_residual; }
+
+  // Only called for split-K, which the launcher never requests (a partial
+  // sum must not be activated).
+  CUTLASS_HOST_DEVICE void set_k_partition(int, int) {}
+
+  // With a residual.
+  CUTLASS_HOST_DEVICE void operator()(FragmentZ& out, FragmentT&, FragmentAccumulator const& accumulator,
+                                      FragmentC const& residual, FragmentCompute const& bias) const {
+    const FragmentCompute residual_f = cutlass::NumericArrayConverter<float, Element, Count>()(residual);
+    FragmentCompute value;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < Count; ++i) value[i] = activate(accumulator[i] + bias[i] + residual_f[i]);
+    out = cutlass::NumericArrayConverter<Element, float, Count>()(value);
+  }
+
+  // Without one.
+  CUTLASS_HOST_DEVICE void operator()(FragmentZ& out, FragmentT&, FragmentAccumulator const& accumulator,
+                                      FragmentCompute const& bias) const {
+    FragmentCompute value;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < Count; ++i) value[i] = activate(accumulator[i] + bias[i]);
+    out = cutlass::NumericArrayConverter<Element, float, Count>()(value);
+  }
+
+ private:
+  // NaN < 0 is false, so NaN passes through as it does through torch.relu.
+  CUTLASS_HOST_DEVICE float activate(float v) const { return (params_.relu && v < 0.f) ? 0.f : v; }
+
+  Params params_;
+};
+
+// Elements per 16-byte access: every channel count must be a multiple of it.
+constexpr int kCutlassAlignment = 8;
+
+// 128x128 output tile per block of 4 warps (64x64 each), 32-deep reduction
+// slices, 4 pipeline stages (64 KiB of shared memory); the 16x8x16 mma.sync.
+template <typename Element>
+using CutlassConvKernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
+    Element, cutlass::layout::TensorNHWC,           // x
+    Element, cutlass::layout::TensorNHWC,           // weight, [K, R, S, C]
+    Element, cutlass::layout::TensorNHWC,           // out and residual
+    float,                                          // accumulator
+    cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+    cutlass::gemm::GemmShape<128, 128, 32>,         // block tile
+    cutlass::gemm::GemmShape<64, 64, 32>,           // warp tile
+    cutlass::gemm::GemmShape<16, 8, 16>,            // mma instruction
+    BiasResidualAct<Element, kCutlassAlignment>,
+    cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>,
+    /*Stages=*/4, cutlass::arch::OpMultiplyAdd,
+    cutlass::conv::IteratorAlgorithm::kOptimized, cutlass::conv::StrideSupport::kStrided,
+    kCutlassAlignment, kCutlassAlignment>::Kernel;
+
+template <typename Element>
+std::string run_conv_cutlass(const CutlassConvArgs& a) {
+  using Conv = cutlass::conv::device::ImplicitGemmConvolution<CutlassConvKernel<Element>>;
+  using Layout = cutlass::layout::TensorNHWC;
+  using Ref = cutlass::TensorRef<Element, Layout>;
+
+  const cutlass::conv::Conv2dProblemSize problem(
+      a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.P, a.Q, a.pad_h, a.pad_w, a.stride_h, a.stride_w, a.dilation_h,
+      a.dilation_w, cutlass::conv::Mode::kCrossCorrelation, /*split_k_slices=*/1, /*groups=*/1);
+
+  // CUTLASS's TensorRef takes non-const pointers; x, weight and the
+  // residual are only read.
+  auto ref = [](const void* p, cutlass::Tensor4DCoord extent) {
+    return Ref(static_cast<Element*>(const_cast<void*>(p)), Layout::packed(extent));
+  };
+  const cutlass::Tensor4DCoord out_extent(a.N, a.P, a.Q, a.K);
+  // Without a residual the source is never read; it still needs a valid
+  // layout, so it points at the output.
+  const Ref residual = ref(a.residual != nullptr ? a.residual : a.out, out_extent);
+
+  typename Conv::Arguments arguments(
+      problem, ref(a.x, {a.N, a.H, a.W, a.C}), ref(a.weight, {a.K, a.R, a.S, a.C}), residual,
+      ref(a.out, out_extent), {/*has_residual=*/a.residual != nullptr, a.relu},
+      cutlass::conv::SplitKMode::kSerial, /*ptr_Vector=*/const_cast<float*>(a.bias),
+      /*ptr_Tensor=*/nullptr, /*ldr=*/0, /*ldt=*/0);
+
+  Conv conv;
+  cutlass::Status status = conv.can_implement(arguments);
+  if (status != cutlass::Status::kSuccess) return cutlassGetStatusString(status);
+  // Serial split-K of 1 slice needs no workspace.
+  if (Conv::get_workspace_size(arguments) != 0) return "the convolution asked for a split-K workspace";
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  status = conv.initialize(arguments, /*workspace=*/nullptr, stream);
+  if (status == cutlass::Status::kSuccess) status = conv.run(stream);
+  if (status != cutlass::Status::kSuccess) return cutlassGetStatusString(status);
+  return {};
+}
+
+}  // namespace resnet_fast::gpu

@@ -1,0 +1,67 @@
+// The tensor-core implicit-GEMM convolution of conv_bias_act (CUTLASS), as
+// seen by the rest of the extension: when it can take a convolution, and the
+// launch. No CUTLASS header is needed to include this one.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace resnet_fast::gpu {
+
+// Which convolution conv_bias_act runs on CUDA tensors, from the environment
+// variable RESNET_FAST_CUDA_CONV (read at every call, so tests and benchmarks
+// can switch it):
+//   unset / "auto"  the implicit GEMM where it can run (see
+//                   cutlass_unsupported_reason), cuDNN + our epilogue elsewhere;
+//   "cutlass"       the implicit GEMM, or an error naming why it cannot run;
+//   "cudnn"         cuDNN + our epilogue for every convolution.
+enum class ConvAlgorithm { kAuto, kCutlass, kCudnn };
+ConvAlgorithm requested_conv_algorithm();
+
+// Why the implicit GEMM cannot run this convolution, or nullopt when it can.
+// x, weight and residual are the tensors as the kernel would get them
+// (channels_last contiguous); only their dtypes, sizes and addresses are read,
+// so this also answers for CPU tensors.
+std::optional<std::string> cutlass_unsupported_reason(const at::Tensor& x, const at::Tensor& weight,
+                                                      const std::optional<at::Tensor>& residual,
+                                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                                      at::IntArrayRef dilation, int64_t groups);
+
+// Why conv_bias_act takes cuDNN for this convolution, or nullopt when it
+// takes the implicit GEMM: cutlass_unsupported_reason under the algorithm
+// RESNET_FAST_CUDA_CONV asks for. Raises when that is "cutlass" and the
+// implicit GEMM cannot run it.
+std::optional<std::string> cudnn_reason(const at::Tensor& x, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// Geometry and pointers of one launch: x is [N, H, W, C], weight [K, R, S,
+// C], out and residual [N, P, Q, K], all dense NHWC; bias is K fp32 values.
+struct CutlassConvArgs {
+  const void* x = nullptr;
+  const void* weight = nullptr;
+  const float* bias = nullptr;
+  const void* residual = nullptr;  // null: no residual
+  void* out = nullptr;
+  int N = 0, H = 0, W = 0, C = 0, K = 0, R = 0, S = 0, P = 0, Q = 0;
+  int pad_h = 0, pad_w = 0, stride_h = 1, stride_w = 1, dilation_h = 1, dilation_w = 1;
+  bool relu = false;
+};
+
+// Run out = act(conv(x, weight) + bias + residual) on the current stream of
+// the current device, for float16 and bfloat16 tensors. Each returns an empty
+// string on success, else CUTLASS's reason.
+std::string launch_conv_cutlass_f16(const CutlassConvArgs& args);
+std::string launch_conv_cutlass_bf16(const CutlassConvArgs& args);
+
+// conv_bias_act on the implicit GEMM; the caller has checked the arguments,
+// holds the device guard and made sure cudnn_reason is nullopt for exactly
+// these (channels_last contiguous) tensors.
+at::Tensor conv_bias_act_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                 const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu);
+
+}  // namespace resnet_fast::gpu

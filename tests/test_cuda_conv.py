@@ -1,0 +1,166 @@
+"""conv_bias_act on CUDA tensors runs one of two convolutions: the implicit
+GEMM on tensor cores (CUTLASS, csrc/cuda/conv_cutlass*) or cuDNN followed by
+our epilogue. Which one, is decided on the host from dtypes, sizes and
+addresses, so those rules are tested here on CPU tensors; the kernels
+themselves are tested against the reference on a GPU (skipped without one)."""
+import pytest
+import torch
+
+from resnet_fast import backends, ops
+
+from conftest import HAS_CUDA, assert_rel, channels_last, poison_allocator
+from test_ops import conv_out_shape, make_conv
+
+needs_cuda_build = pytest.mark.skipif(
+    not backends._NATIVE_HAS_CUDA, reason="the extension was built without its CUDA kernels")
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+# Shapes the implicit GEMM takes (channels multiples of 8): (n, c, h, w, k,
+# kernel, stride, padding, dilation, groups). Odd spatial sizes, batch 1,
+# output channels and pixel counts that are not multiples of the 128 x 128
+# tile, and a reduction that is not a multiple of its 32-deep slices.
+IGEMM_CASES = {
+    "3x3s1_batch1_odd": (1, 8, 9, 11, 16, 3, 1, 1, 1, 1),
+    "3x3s2_odd": (2, 16, 13, 7, 24, 3, 2, 1, 1, 1),
+    "1x1": (3, 32, 5, 5, 40, 1, 1, 0, 1, 1),
+    "1x1s2_downsample": (2, 24, 9, 10, 48, 1, 2, 0, 1, 1),
+    "stem7x7s2_C8": (2, 8, 23, 19, 64, 7, 2, 3, 1, 1),
+    "dilated": (2, 16, 12, 10, 16, 3, 1, 2, 2, 1),
+    "K264_M429": (3, 64, 11, 13, 264, 3, 1, 1, 1, 1),
+    "C520_1x1": (1, 520, 7, 7, 136, 1, 1, 0, 1, 1),
+}
+# Shapes it does not take, and the words of the reason.
+CUDNN_CASES = {
+    "stem7x7s2_C3": ((2, 3, 23, 19, 16, 7, 2, 3, 1, 1), torch.float16, "multiples of 8"),
+    "K12": ((1, 8, 9, 11, 12, 3, 1, 1, 1, 1), torch.bfloat16, "multiples of 8"),
+    "grouped": ((2, 16, 7, 9, 16, 3, 1, 1, 1, 4), torch.float16, "grouped"),
+    "float32": ((1, 8, 9, 11, 16, 3, 1, 1, 1, 1), torch.float32, "float16 and bfloat16"),
+}
+
+
+def _conv(case, dtype, cases=IGEMM_CASES, device="cpu", layout="channels_last"):
+    x, weight, bias, args = make_conv(case, dtype, layout, cases=cases)
+    return x.to(device), weight.to(device), bias.to(device), args
+
+
+def _algorithm(x, weight, residual, args):
+    pair = lambda v: [v, v]  # noqa: E731
+    return torch.ops.resnet_fast_cuda.conv_algorithm(
+        x, weight, residual, pair(args["stride"]), pair(args["padding"]), pair(args["dilation"]), args["groups"])
+
+
+def _cutlass_built():
+    x, weight, _, args = _conv("1x1", torch.float16)
+    return "without the CUTLASS headers" not in _algorithm(x, weight, None, args)
+
+
+# ---------------------------------------------------------------- the choice (any machine)
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("case", list(IGEMM_CASES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_implicit_gemm_takes_aligned_half_precision_convolutions(case, dtype, monkeypatch):
+    monkeypatch.delenv("RESNET_FAST_CUDA_CONV", raising=False)
+    if not _cutlass_built():
+        pytest.skip("the extension was built without the CUTLASS headers (nvidia-cutlass not installed)")
+    x, weight, _, args = _conv(case, dtype)
+    residual = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype))
+    assert _algorithm(x, weight, residual, args) == "cutlass"
+    assert _algorithm(x, weight, None, args) == "cutlass"
+    # Any input layout: the op makes channels_last copies first.
+    assert _algorithm(x.contiguous(), weight.contiguous(), residual.contiguous(), args) == "cutlass"
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("case", list(CUDNN_CASES))
+def test_other_convolutions_go_to_cudnn_with_the_reason(case, monkeypatch):
+    monkeypatch.delenv("RESNET_FAST_CUDA_CONV", raising=False)
+    geometry, dtype, reason = CUDNN_CASES[case]
+    x, weight, _, args = _conv(case, dtype, cases={case: geometry})
+    got = _algorithm(x, weight, None, args)
+    assert got.startswith("cudnn: ")
+    if _cutlass_built():
+        assert reason in got
+
+
+@needs_cuda_build
+def test_misaligned_tensors_go_to_cudnn(monkeypatch):
+    monkeypatch.delenv("RESNET_FAST_CUDA_CONV", raising=False)
+    if not _cutlass_built():
+        pytest.skip("the extension was built without the CUTLASS headers (nvidia-cutlass not installed)")
+    x, weight, _, args = _conv("3x3s1_batch1_odd", torch.float16)
+    # A channels_last tensor starting 2 bytes past a 16-byte boundary.
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(1, 9, 11, 8).permute(0, 3, 1, 2)
+    shifted.copy_(x)
+    assert shifted.is_contiguous(memory_format=torch.channels_last)
+    assert "16-byte" in _algorithm(shifted, weight, None, args)
+
+
+@needs_cuda_build
+def test_environment_variable_selects_the_convolution(monkeypatch):
+    x, weight, _, args = _conv("1x1", torch.float16)
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cudnn")
+    assert _algorithm(x, weight, None, args) == "cudnn: RESNET_FAST_CUDA_CONV=cudnn"
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "fastest")
+    with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV must be auto, cutlass or cudnn, got 'fastest'"):
+        _algorithm(x, weight, None, args)
+    # Forcing the implicit GEMM on a convolution it cannot run names why.
+    geometry, dtype, reason = CUDNN_CASES["grouped"]
+    x, weight, _, args = _conv("grouped", dtype, cases={"grouped": geometry})
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cutlass")
+    with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV=cutlass, but the implicit-GEMM convolution "
+                                           "cannot run this one"):
+        _algorithm(x, weight, None, args)
+
+
+@needs_cuda_build
+def test_choice_checks_its_arguments():
+    x, weight, _, args = _conv("1x1", torch.float16)
+    with pytest.raises(RuntimeError, match="input has 32 channels but weight expects 16"):
+        _algorithm(x, weight[:, :16], None, args)
+
+
+# ---------------------------------------------------------------- the kernels (GPU)
+
+
+@pytest.mark.parametrize("case", list(IGEMM_CASES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False), (True, False)])
+@pytest.mark.parametrize("algorithm", ["cutlass", "cudnn"])
+@pytest.mark.cuda
+@needs_gpu
+def test_cuda_convolutions_match_reference(case, dtype, residual, relu, algorithm, monkeypatch):
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", algorithm)
+    x, weight, bias, args = _conv(case, dtype, device="cuda")
+    res = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype, device="cuda")) if residual else None
+    assert _algorithm(x, weight, res, args).startswith(algorithm)
+    expected = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="reference", **args)
+    poison_allocator(expected.numel(), "cuda")
+    out = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="native", **args)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel(out, expected)
+    if relu:
+        assert (out >= 0).all()
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+@pytest.mark.cuda
+@needs_gpu
+def test_implicit_gemm_any_input_layout(layout, monkeypatch):
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cutlass")
+    x, weight, bias, args = _conv("3x3s2_odd", torch.float16, device="cuda", layout=layout)
+    res = torch.randn(conv_out_shape(x, weight, args), dtype=torch.float16, device="cuda")
+    expected = ops.conv_bias_act(x.contiguous(), weight, bias, res, backend="reference", **args)
+    assert_rel(ops.conv_bias_act(x, weight, bias, res, backend="native", **args), expected)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_implicit_gemm_keeps_nan_through_relu(monkeypatch):
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cutlass")
+    x, weight, bias, args = _conv("1x1", torch.float16, device="cuda")
+    bias[3] = float("nan")
+    out = ops.conv_bias_act(x, weight, bias, None, relu=True, backend="native", **args)
+    assert out[:, 3].isnan().all() and not out[:, 4:].isnan().any()
+
