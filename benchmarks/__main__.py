@@ -32,6 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--layers", default="resnet50", help="model whose conv layers to time one by one ('' to skip)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="also torch.compile(mode='max-autotune') of torchvision's model (minutes of tuning)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per contender (after 2 warm-up runs)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
     args = parser.parse_args(argv)
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
         for b in batches:
             print(f"  eval forward: {arch}, batch {b}", flush=True)
             rows += end_to_end.run(arch, b, args.size, dtype, device, not args.no_compile, args.repeats,
-                                   flops, env["ceiling"])
+                                   flops, env["ceiling"], max_autotune=args.max_autotune and not args.no_compile)
         if train_batch:
             print(f"  train step: {arch}, batch {train_batch}, {train_size}x{train_size}", flush=True)
             rows += train_step.run(arch, train_batch, train_size, dtype, device, args.repeats,

@@ -1,6 +1,8 @@
 """Whole-model eval forward: resnet_fast against torchvision eager (NCHW and
 channels_last) and torch.compile of torchvision's model, same process, same
-inputs."""
+inputs. On a GPU at small batches also both replayed as CUDA graphs (ours
+through resnet_fast.cuda_graphed, torch.compile in reduce-overhead mode);
+torch.compile's max-autotune mode on request."""
 import copy
 from typing import Dict, List, Optional
 
@@ -26,7 +28,14 @@ def kernel_backends(device: torch.device):
     ]
 
 
-def _compiled(model: torch.nn.Module, device: torch.device):
+# At and below this batch, launch overhead matters on a GPU: the CUDA-graph
+# contenders (ours replayed, torch.compile's reduce-overhead mode) run too.
+GRAPH_MAX_BATCH = 32
+
+
+def _compiled(model: torch.nn.Module, device: torch.device, mode: Optional[str] = None):
+    if mode is not None:
+        return torch.compile(model, mode=mode)
     if device.type == "cpu":
         # Inductor's CPU path folds BN and prepacks oneDNN weights only when
         # freezing is on: the strongest torch.compile baseline for inference.
@@ -49,7 +58,8 @@ def flops_per_image(arch: str, size: int) -> float:
 
 
 def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.device,
-        with_compile: bool, repeats: int, flops: float = 0.0, ceiling: Optional[Dict] = None) -> List[Dict]:
+        with_compile: bool, repeats: int, flops: float = 0.0, ceiling: Optional[Dict] = None,
+        max_autotune: bool = False) -> List[Dict]:
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)()
     randomize_batchnorm_(tv)  # non-trivial BN, so that the check of outputs means something
@@ -65,11 +75,22 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
     }
     for backend, model in ours.items():
         contenders[f"resnet_fast ({backend})"] = lambda i, model=model: model(inputs_cl[i])
+    graphs = device.type == "cuda" and batch <= GRAPH_MAX_BATCH
+    if graphs:
+        for backend, model in ours.items():
+            graphed = resnet_fast.cuda_graphed(model, inputs_cl[0])
+            contenders[f"resnet_fast ({backend}, CUDA graph)"] = lambda i, graphed=graphed: graphed(inputs_cl[i])
     if with_compile:
         compiled = _compiled(copy.deepcopy(tv_cl), device)
         contenders["torch.compile(torchvision)" + (" freezing" if device.type == "cpu" else "")] = (
             lambda i: compiled(inputs_cl[i])
         )
+        if graphs:
+            overhead = _compiled(copy.deepcopy(tv_cl), device, mode="reduce-overhead")
+            contenders["torch.compile(torchvision) reduce-overhead"] = lambda i: overhead(inputs_cl[i])
+        if max_autotune:
+            autotuned = _compiled(copy.deepcopy(tv_cl), device, mode="max-autotune")
+            contenders["torch.compile(torchvision) max-autotune"] = lambda i: autotuned(inputs_cl[i])
 
     with torch.inference_mode():
         expected = tv(inputs[0]).float()

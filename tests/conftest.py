@@ -11,7 +11,7 @@ import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import resnet_fast  # noqa: E402
-from resnet_fast.backends import available_backends, triton_interpreted  # noqa: E402
+from resnet_fast.backends import _unavailable_reason, available_backends, triton_interpreted  # noqa: E402
 
 # Relative error ||out - ref|| / ||ref|| allowed per dtype, stated once.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -35,11 +35,14 @@ settings.load_profile(os.environ.get("RESNET_FAST_FUZZ_PROFILE", "ci"))
 
 def kernel_backends():
     """Backends other than the reference that the general op and model tests
-    run here. Triton under its interpreter is ~1000x slower: tests/test_triton.py
-    covers it with tiny shapes instead."""
+    run: those tests use CPU tensors, so the backends that take them, less
+    Triton under its interpreter (~1000x slower: tests/test_triton.py covers it
+    with tiny shapes instead). On a GPU machine Triton takes CUDA tensors only
+    and its tests are in tests/test_triton.py too."""
     return [
         name for name, status in available_backends().items()
-        if status.available and name != "reference" and not (name == "triton" and triton_interpreted())
+        if status.available and name != "reference" and _unavailable_reason(name, torch.device("cpu")) is None
+        and not (name == "triton" and triton_interpreted())
     ]
 
 
