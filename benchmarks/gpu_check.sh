@@ -51,7 +51,7 @@ torch.cuda.synchronize()
 print("memcheck: eval forward and train step ran (bfloat16, float32)")
 PY
 SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 240 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 180 "$SANITIZER" --tool memcheck --error-exitcode 1 \
     python "$OUT/memcheck.py" > "$OUT/memcheck.log" 2>&1
 status+=("memcheck: exit $?")
 tail -4 "$OUT/memcheck.log"
