@@ -19,7 +19,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--models", default="resnet18,resnet50", help="comma-separated torchvision builder names")
+    parser.add_argument("--models", default=None, help="comma-separated torchvision builder names "
+                        "(default: resnet18,resnet50 on CPU, resnet18,resnet50,resnet101 on GPU)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch of the per-layer runs (default: 8 on CPU, 32 on GPU)")
     parser.add_argument("--batches", default=None,
@@ -61,13 +62,14 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           args.device if args.device != "auto" else "cpu")
     gpu = device.type == "cuda"
+    models = args.models if args.models is not None else "resnet18,resnet50" + (",resnet101" if gpu else "")
     batch = args.batch or (32 if gpu else 8)
     batches = args.batches or ([1, 32, 256] if gpu else [1, 8])
     train_batch = (128 if gpu else 8) if args.train_batch is None else args.train_batch
     train_size = args.train_size or (args.size if gpu else 112)
     dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
     env = describe(device)
-    env["settings"] = vars(args) | {"batch": batch, "batches": batches, "train_batch": train_batch,
+    env["settings"] = vars(args) | {"models": models, "batch": batch, "batches": batches, "train_batch": train_batch,
                                     "train_size": train_size, "dtype": str(dtype)}
     print(f"benchmarking on {env['card']} ({device.type}), {dtype}", flush=True)
     env["ceiling"] = ceiling.measure(device)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
           f"{env['ceiling']['copy_gb_per_s']:.0f} GB/s copy", flush=True)
 
     rows = []
-    for arch in filter(None, args.models.split(",")):
+    for arch in filter(None, models.split(",")):
         flops = end_to_end.flops_per_image(arch, args.size)
         for b in batches:
             print(f"  eval forward: {arch}, batch {b}", flush=True)

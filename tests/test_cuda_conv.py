@@ -29,13 +29,27 @@ IGEMM_CASES = {
     "K264_M429": (3, 64, 11, 13, 264, 3, 1, 1, 1, 1),
     "C520_1x1": (1, 520, 7, 7, 136, 1, 1, 0, 1, 1),
 }
-# Shapes it does not take, and the words of the reason.
+# float32 runs on TF32 tensor cores, so only where PyTorch allows TF32.
+IGEMM_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+# Shapes it does not take, whether TF32 is allowed, and the words of the reason.
 CUDNN_CASES = {
-    "stem7x7s2_C3": ((2, 3, 23, 19, 16, 7, 2, 3, 1, 1), torch.float16, "multiples of 8"),
-    "K12": ((1, 8, 9, 11, 12, 3, 1, 1, 1, 1), torch.bfloat16, "multiples of 8"),
-    "grouped": ((2, 16, 7, 9, 16, 3, 1, 1, 1, 4), torch.float16, "grouped"),
-    "float32": ((1, 8, 9, 11, 16, 3, 1, 1, 1, 1), torch.float32, "float16 and bfloat16"),
+    "stem7x7s2_C3": ((2, 3, 23, 19, 16, 7, 2, 3, 1, 1), torch.float16, True, "multiples of 8"),
+    "K12": ((1, 8, 9, 11, 12, 3, 1, 1, 1, 1), torch.bfloat16, True, "multiples of 8"),
+    "K6_float32": ((1, 8, 9, 11, 6, 3, 1, 1, 1, 1), torch.float32, True, "multiples of 4"),
+    "grouped": ((2, 16, 7, 9, 16, 3, 1, 1, 1, 4), torch.float16, True, "grouped"),
+    "float32_tf32_off": ((1, 8, 9, 11, 16, 3, 1, 1, 1, 1), torch.float32, False, "TF32 off"),
 }
+
+
+@pytest.fixture
+def tf32():
+    """Sets torch.backends.cudnn.allow_tf32 for one test (a process-wide flag)."""
+    saved = torch.backends.cudnn.allow_tf32
+
+    def allow(value: bool):
+        torch.backends.cudnn.allow_tf32 = value
+    yield allow
+    torch.backends.cudnn.allow_tf32 = saved
 
 
 def _conv(case, dtype, cases=IGEMM_CASES, device="cpu", layout="channels_last"):
@@ -59,9 +73,10 @@ def _cutlass_built():
 
 @needs_cuda_build
 @pytest.mark.parametrize("case", list(IGEMM_CASES))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_implicit_gemm_takes_aligned_half_precision_convolutions(case, dtype, monkeypatch):
+@pytest.mark.parametrize("dtype", IGEMM_DTYPES, ids=str)
+def test_implicit_gemm_takes_aligned_convolutions(case, dtype, monkeypatch, tf32):
     monkeypatch.delenv("RESNET_FAST_CUDA_CONV", raising=False)
+    tf32(True)
     if not _cutlass_built():
         pytest.skip("the extension was built without the CUTLASS headers (nvidia-cutlass not installed)")
     x, weight, _, args = _conv(case, dtype)
@@ -74,9 +89,10 @@ def test_implicit_gemm_takes_aligned_half_precision_convolutions(case, dtype, mo
 
 @needs_cuda_build
 @pytest.mark.parametrize("case", list(CUDNN_CASES))
-def test_other_convolutions_go_to_cudnn_with_the_reason(case, monkeypatch):
+def test_other_convolutions_go_to_cudnn_with_the_reason(case, monkeypatch, tf32):
     monkeypatch.delenv("RESNET_FAST_CUDA_CONV", raising=False)
-    geometry, dtype, reason = CUDNN_CASES[case]
+    geometry, dtype, allow_tf32, reason = CUDNN_CASES[case]
+    tf32(allow_tf32)
     x, weight, _, args = _conv(case, dtype, cases={case: geometry})
     got = _algorithm(x, weight, None, args)
     assert got.startswith("cudnn: ")
@@ -106,7 +122,7 @@ def test_environment_variable_selects_the_convolution(monkeypatch):
     with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV must be auto, cutlass or cudnn, got 'fastest'"):
         _algorithm(x, weight, None, args)
     # Forcing the implicit GEMM on a convolution it cannot run names why.
-    geometry, dtype, reason = CUDNN_CASES["grouped"]
+    geometry, dtype, _, reason = CUDNN_CASES["grouped"]
     x, weight, _, args = _conv("grouped", dtype, cases={"grouped": geometry})
     monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cutlass")
     with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV=cutlass, but the implicit-GEMM convolution "
@@ -125,13 +141,14 @@ def test_choice_checks_its_arguments():
 
 
 @pytest.mark.parametrize("case", list(IGEMM_CASES))
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", IGEMM_DTYPES, ids=str)
 @pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False), (True, False)])
 @pytest.mark.parametrize("algorithm", ["cutlass", "cudnn"])
 @pytest.mark.cuda
 @needs_gpu
-def test_cuda_convolutions_match_reference(case, dtype, residual, relu, algorithm, monkeypatch):
+def test_cuda_convolutions_match_reference(case, dtype, residual, relu, algorithm, monkeypatch, tf32):
     monkeypatch.setenv("RESNET_FAST_CUDA_CONV", algorithm)
+    tf32(True)  # float32: TF32 on both sides (the reference's cuDNN convolution too)
     x, weight, bias, args = _conv(case, dtype, device="cuda")
     res = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype, device="cuda")) if residual else None
     assert _algorithm(x, weight, res, args).startswith(algorithm)
@@ -139,7 +156,7 @@ def test_cuda_convolutions_match_reference(case, dtype, residual, relu, algorith
     poison_allocator(expected.numel(), "cuda")
     out = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="native", **args)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-    assert_rel(out, expected)
+    assert_rel(out, expected, factor=100 if dtype == torch.float32 else 1)  # TF32: 10 mantissa bits
     if relu:
         assert (out >= 0).all()
 

@@ -51,13 +51,18 @@ std::optional<std::string> cutlass_unsupported_reason(const at::Tensor& x, const
   return std::string("the extension was built without the CUTLASS headers (pip install nvidia-cutlass, then reinstall)");
 #else
   const at::ScalarType dtype = x.scalar_type();
-  if (dtype != at::kHalf && dtype != at::kBFloat16)
-    return concat("it takes float16 and bfloat16, got ", dtype,
-                  " (float32 runs on cuDNN, with TF32 as torch.backends.cudnn.allow_tf32 says)");
+  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat)
+    return concat("it takes float16, bfloat16 and float32, got ", dtype);
+  // float32 convolutions run on TF32 tensor cores, so only where PyTorch's
+  // cuDNN convolutions may too.
+  if (dtype == at::kFloat && !at::globalContext().allowTF32CuDNN())
+    return std::string("float32 with TF32 off (torch.backends.cudnn.allow_tf32 = False) is computed exactly by cuDNN");
   if (groups != 1) return concat("grouped convolution (groups=", groups, ")");
   const int64_t C = x.size(1), K = weight.size(0), R = weight.size(2), S = weight.size(3);
-  if (C % 8 != 0 || K % 8 != 0)
-    return concat("input and output channels must be multiples of 8 (16-byte accesses), got ", C, " and ", K);
+  const int64_t access = 16 / x.element_size();  // elements per 16-byte access
+  if (C % access != 0 || K % access != 0)
+    return concat("input and output channels must be multiples of ", access, " for ", dtype,
+                  " (16-byte accesses), got ", C, " and ", K);
   if (R > 32 || S > 32) return concat("kernel ", R, "x", S, " is larger than 32x32");
   const int64_t P = output_size(x.size(2), R, stride[0], padding[0], dilation[0]);
   const int64_t Q = output_size(x.size(3), S, stride[1], padding[1], dilation[1]);
@@ -111,7 +116,8 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x, const at::Tensor& weight, 
   args.dilation_w = static_cast<int>(dil[1]);
   args.relu = relu;
 
-  // The epilogue reads the bias 8 floats (32 bytes) at a time.
+  // The epilogue reads the bias as many floats at a time as it writes outputs
+  // (8 for 16-bit outputs: 32 bytes).
   at::Tensor bias_f32 = bias.to(at::kFloat).contiguous();
   if (reinterpret_cast<uintptr_t>(bias_f32.data_ptr()) % 32 != 0) bias_f32 = bias_f32.clone();
   at::Tensor out = at::empty({args.N, args.K, args.P, args.Q},
@@ -122,8 +128,10 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x, const at::Tensor& weight, 
   args.bias = bias_f32.data_ptr<float>();
   args.residual = residual.has_value() ? residual->data_ptr() : nullptr;
   args.out = out.data_ptr();
-  const std::string error =
-      x.scalar_type() == at::kHalf ? launch_conv_cutlass_f16(args) : launch_conv_cutlass_bf16(args);
+  const at::ScalarType dtype = x.scalar_type();
+  const std::string error = dtype == at::kHalf       ? launch_conv_cutlass_f16(args)
+                            : dtype == at::kBFloat16 ? launch_conv_cutlass_bf16(args)
+                                                     : launch_conv_cutlass_tf32(args);
   TORCH_CHECK(error.empty(), "resnet_fast: the implicit-GEMM convolution failed: ", error);
   return out;
 #endif

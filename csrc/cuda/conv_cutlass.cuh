@@ -11,8 +11,10 @@
 // so it builds with the rest of the extension.
 //
 // GEMM view: M = N*P*Q output pixels, N = K output channels, reduction over
-// R*S*C. One tile configuration per dtype keeps the build within CI's time;
-// a shape it suits badly goes to cuDNN through resnet_fast.tune().
+// R*S*C. float16 and bfloat16 run on 16-bit tensor cores, float32 on TF32
+// ones (the host side allows that only where PyTorch's cuDNN convolutions
+// may use TF32). One tile configuration per dtype keeps the build within
+// CI's time.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -98,32 +100,41 @@ class BiasResidualAct {
   Params params_;
 };
 
-// Elements per 16-byte access: every channel count must be a multiple of it.
-constexpr int kCutlassAlignment = 8;
+// Elements of T per 16-byte access: every channel count must be a multiple
+// of it.
+template <typename T>
+constexpr int kAccess = 128 / cutlass::sizeof_bits<T>::value;
 
-// 128x128 output tile per block of 4 warps (64x64 each), 32-deep reduction
-// slices, 4 pipeline stages (64 KiB of shared memory); the 16x8x16 mma.sync.
-template <typename Element>
-using CutlassConvKernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
-    Element, cutlass::layout::TensorNHWC,           // x
-    Element, cutlass::layout::TensorNHWC,           // weight, [K, R, S, C]
-    Element, cutlass::layout::TensorNHWC,           // out and residual
-    float,                                          // accumulator
-    cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-    cutlass::gemm::GemmShape<128, 128, 32>,         // block tile
-    cutlass::gemm::GemmShape<64, 64, 32>,           // warp tile
-    cutlass::gemm::GemmShape<16, 8, 16>,            // mma instruction
-    BiasResidualAct<Element, kCutlassAlignment>,
-    cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>,
-    /*Stages=*/4, cutlass::arch::OpMultiplyAdd,
-    cutlass::conv::IteratorAlgorithm::kOptimized, cutlass::conv::StrideSupport::kStrided,
-    kCutlassAlignment, kCutlassAlignment>::Kernel;
+// A 128x128 output tile per block of 4 warps (64x64 each), 4 pipeline stages
+// of 16-byte-wide reduction slices (32 deep for 16-bit inputs, 16 for TF32:
+// 64 KiB of shared memory either way), and the matching mma.sync shape
+// (16x8x16 for 16-bit inputs, 16x8x8 for TF32). ElementIn is what the tensor
+// cores read (half_t, bfloat16_t, or tfloat32_t for float32 tensors, whose
+// low mantissa bits the TF32 mma ignores); ElementOut is the output's type.
+template <typename ElementIn, typename ElementOut>
+struct CutlassConv {
+  static constexpr int kDepth = 512 / cutlass::sizeof_bits<ElementIn>::value;
+  using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
+      ElementIn, cutlass::layout::TensorNHWC,        // x
+      ElementIn, cutlass::layout::TensorNHWC,        // weight, [K, R, S, C]
+      ElementOut, cutlass::layout::TensorNHWC,       // out and residual
+      float,                                         // accumulator
+      cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
+      cutlass::gemm::GemmShape<128, 128, kDepth>,    // block tile
+      cutlass::gemm::GemmShape<64, 64, kDepth>,      // warp tile
+      cutlass::gemm::GemmShape<16, 8, 256 / cutlass::sizeof_bits<ElementIn>::value>,  // mma instruction
+      BiasResidualAct<ElementOut, kAccess<ElementOut>>,
+      cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>,
+      /*Stages=*/4, cutlass::arch::OpMultiplyAdd,
+      cutlass::conv::IteratorAlgorithm::kOptimized, cutlass::conv::StrideSupport::kStrided,
+      kAccess<ElementIn>, kAccess<ElementIn>>::Kernel;
+  using Device = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
+};
 
-template <typename Element>
+template <typename ElementIn, typename ElementOut>
 std::string run_conv_cutlass(const CutlassConvArgs& a) {
-  using Conv = cutlass::conv::device::ImplicitGemmConvolution<CutlassConvKernel<Element>>;
+  using Conv = typename CutlassConv<ElementIn, ElementOut>::Device;
   using Layout = cutlass::layout::TensorNHWC;
-  using Ref = cutlass::TensorRef<Element, Layout>;
 
   const cutlass::conv::Conv2dProblemSize problem(
       a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.P, a.Q, a.pad_h, a.pad_w, a.stride_h, a.stride_w, a.dilation_h,
@@ -131,17 +142,21 @@ std::string run_conv_cutlass(const CutlassConvArgs& a) {
 
   // CUTLASS's TensorRef takes non-const pointers; x, weight and the
   // residual are only read.
-  auto ref = [](const void* p, cutlass::Tensor4DCoord extent) {
-    return Ref(static_cast<Element*>(const_cast<void*>(p)), Layout::packed(extent));
+  auto input = [](const void* p, cutlass::Tensor4DCoord extent) {
+    return cutlass::TensorRef<ElementIn, Layout>(static_cast<ElementIn*>(const_cast<void*>(p)),
+                                                 Layout::packed(extent));
   };
   const cutlass::Tensor4DCoord out_extent(a.N, a.P, a.Q, a.K);
+  auto output = [&](const void* p) {
+    return cutlass::TensorRef<ElementOut, Layout>(static_cast<ElementOut*>(const_cast<void*>(p)),
+                                                  Layout::packed(out_extent));
+  };
   // Without a residual the source is never read; it still needs a valid
   // layout, so it points at the output.
-  const Ref residual = ref(a.residual != nullptr ? a.residual : a.out, out_extent);
-
   typename Conv::Arguments arguments(
-      problem, ref(a.x, {a.N, a.H, a.W, a.C}), ref(a.weight, {a.K, a.R, a.S, a.C}), residual,
-      ref(a.out, out_extent), {/*has_residual=*/a.residual != nullptr, a.relu},
+      problem, input(a.x, {a.N, a.H, a.W, a.C}), input(a.weight, {a.K, a.R, a.S, a.C}),
+      output(a.residual != nullptr ? a.residual : a.out), output(a.out),
+      {/*has_residual=*/a.residual != nullptr, a.relu},
       cutlass::conv::SplitKMode::kSerial, /*ptr_Vector=*/const_cast<float*>(a.bias),
       /*ptr_Tensor=*/nullptr, /*ldr=*/0, /*ldt=*/0);
 

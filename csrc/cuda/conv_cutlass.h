@@ -52,10 +52,12 @@ struct CutlassConvArgs {
 };
 
 // Run out = act(conv(x, weight) + bias + residual) on the current stream of
-// the current device, for float16 and bfloat16 tensors. Each returns an empty
-// string on success, else CUTLASS's reason.
+// the current device, for float16, bfloat16 and (on TF32 tensor cores)
+// float32 tensors. Each returns an empty string on success, else CUTLASS's
+// reason.
 std::string launch_conv_cutlass_f16(const CutlassConvArgs& args);
 std::string launch_conv_cutlass_bf16(const CutlassConvArgs& args);
+std::string launch_conv_cutlass_tf32(const CutlassConvArgs& args);
 
 // conv_bias_act on the implicit GEMM; the caller has checked the arguments,
 // holds the device guard and made sure cudnn_reason is nullopt for exactly

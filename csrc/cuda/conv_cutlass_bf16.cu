@@ -1,5 +1,5 @@
 // The implicit-GEMM conv_bias_act for bfloat16 (one kernel per file, so the
-// two dtypes compile in parallel).
+// dtypes compile in parallel).
 #include <cutlass/bfloat16.h>
 
 #include "conv_cutlass.cuh"
@@ -7,7 +7,7 @@
 namespace resnet_fast::gpu {
 
 std::string launch_conv_cutlass_bf16(const CutlassConvArgs& args) {
-  return run_conv_cutlass<cutlass::bfloat16_t>(args);
+  return run_conv_cutlass<cutlass::bfloat16_t, cutlass::bfloat16_t>(args);
 }
 
 }  // namespace resnet_fast::gpu

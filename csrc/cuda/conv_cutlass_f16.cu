@@ -1,11 +1,13 @@
 // The implicit-GEMM conv_bias_act for float16 (one kernel per file, so the
-// two dtypes compile in parallel).
+// dtypes compile in parallel).
 #include <cutlass/half.h>
 
 #include "conv_cutlass.cuh"
 
 namespace resnet_fast::gpu {
 
-std::string launch_conv_cutlass_f16(const CutlassConvArgs& args) { return run_conv_cutlass<cutlass::half_t>(args); }
+std::string launch_conv_cutlass_f16(const CutlassConvArgs& args) {
+  return run_conv_cutlass<cutlass::half_t, cutlass::half_t>(args);
+}
 
 }  // namespace resnet_fast::gpu
