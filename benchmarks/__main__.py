@@ -76,20 +76,26 @@ def main(argv=None) -> int:
     print(f"  ceiling: {env['ceiling']['matmul_tflops']:.1f} TFLOP/s {env['ceiling']['matmul_dtype']} matmul, "
           f"{env['ceiling']['copy_gb_per_s']:.0f} GB/s copy", flush=True)
 
+    # Results are saved after every section (same files, rewritten), so a run
+    # cut short by a time limit keeps what it measured; the per-layer table,
+    # what the kernels are judged on, comes first.
     rows = []
+    if args.layers:
+        print(f"  per conv layer: {args.layers}", flush=True)
+        rows += conv_layers.run(args.layers, batch, args.size, dtype, device, args.repeats)
+        save(args.out, env, rows)
     for arch in filter(None, models.split(",")):
         flops = end_to_end.flops_per_image(arch, args.size)
         for b in batches:
             print(f"  eval forward: {arch}, batch {b}", flush=True)
             rows += end_to_end.run(arch, b, args.size, dtype, device, not args.no_compile, args.repeats,
                                    flops, env["ceiling"], max_autotune=args.max_autotune and not args.no_compile)
+            save(args.out, env, rows)
         if train_batch:
             print(f"  train step: {arch}, batch {train_batch}, {train_size}x{train_size}", flush=True)
             rows += train_step.run(arch, train_batch, train_size, dtype, device, args.repeats,
                                    end_to_end.flops_per_image(arch, train_size), env["ceiling"])
-    if args.layers:
-        print(f"  per conv layer: {args.layers}", flush=True)
-        rows += conv_layers.run(args.layers, batch, args.size, dtype, device, args.repeats)
+            save(args.out, env, rows)
 
     stem = save(args.out, env, rows)
     print()

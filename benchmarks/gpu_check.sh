@@ -6,6 +6,9 @@
 #   bash benchmarks/stage_cutlass.sh   # here: CUTLASS headers into .cutlass (carry it)
 #   bash benchmarks/gpu_check.sh       # there
 set -uo pipefail
+# The whole check aims to finish within CHECK_BUDGET_S seconds (default 480):
+# the benchmark, last, gets what is left (it saves after every section).
+CHECK_BUDGET_S="${CHECK_BUDGET_S:-480}"
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out}"
 mkdir -p "$OUT"
@@ -51,15 +54,19 @@ torch.cuda.synchronize()
 print("memcheck: eval forward and train step ran (bfloat16, float32)")
 PY
 SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 180 "$SANITIZER" --tool memcheck --error-exitcode 1 \
+PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 "$SANITIZER" --tool memcheck --error-exitcode 1 \
     python "$OUT/memcheck.py" > "$OUT/memcheck.log" 2>&1
 status+=("memcheck: exit $?")
 tail -4 "$OUT/memcheck.log"
 
 echo "== benchmark (log: $OUT/bench.log)"
 # BENCH_ARGS overrides the model and batch settings (e.g. add --no-compile when time is short).
-python -m benchmarks --device cuda --dtype bfloat16 --out "$OUT" \
-    ${BENCH_ARGS:---models resnet50 --batches 1,32,256 --batch 32 --train-batch 128} 2>&1 | tee "$OUT/bench.log" | tail -5
+# Per-layer at batch 256 first, then resnet50 eval at 1, 32, 256 and a train step.
+bench_s=$(( CHECK_BUDGET_S - SECONDS - 15 ))
+(( bench_s < 60 )) && bench_s=60
+echo "benchmark time limit: ${bench_s} s"
+timeout "$bench_s" python -m benchmarks --device cuda --dtype bfloat16 --out "$OUT" \
+    ${BENCH_ARGS:---models resnet50 --batches 1,32,256 --batch 256 --train-batch 128} 2>&1 | tee "$OUT/bench.log" | tail -5
 status+=("benchmark: exit ${PIPESTATUS[0]}")
 
 echo "== summary"
