@@ -29,12 +29,16 @@ def test_conv_bias_act_cuda(dtype, case, residual, relu):
     x, weight, bias, args = make_conv(case, dtype)
     res = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype)) if residual else None
     x, weight, bias, res = _to_cuda(x, weight, bias, res)
-    expected = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="reference", **args)
+    saved, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:  # an exact float32 reference
+        expected = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="reference", **args)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
     poison_allocator(expected.numel(), CUDA)
     out = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="native", **args)
     assert out.device.type == "cuda" and out.is_contiguous(memory_format=torch.channels_last)
-    # cuDNN may use TF32 or another algorithm than the reference's: fp32 gets the tf32 tolerance.
-    assert_rel(out, expected, factor=100 if dtype == torch.float32 else 1)
+    # float32 may run on TF32 tensor cores (10 mantissa bits, ~5e-4 relative error).
+    assert_rel(out, expected, factor=200 if dtype == torch.float32 else 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

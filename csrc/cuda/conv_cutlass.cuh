@@ -108,9 +108,9 @@ constexpr int kAccess = 128 / cutlass::sizeof_bits<T>::value;
 // A 128x128 output tile per block of 4 warps (64x64 each), 4 pipeline stages
 // of 16-byte-wide reduction slices (32 deep for 16-bit inputs, 16 for TF32:
 // 64 KiB of shared memory either way), and the matching mma.sync shape
-// (16x8x16 for 16-bit inputs, 16x8x8 for TF32). ElementIn is what the tensor
-// cores read (half_t, bfloat16_t, or tfloat32_t for float32 tensors, whose
-// low mantissa bits the TF32 mma ignores); ElementOut is the output's type.
+// (16x8x16 for 16-bit inputs, 16x8x8 for TF32). ElementIn is the type of x
+// and the weight (half_t, bfloat16_t, or float, which the warp-level mma
+// rounds to TF32); ElementOut is the output's type.
 template <typename ElementIn, typename ElementOut>
 struct CutlassConv {
   static constexpr int kDepth = 512 / cutlass::sizeof_bits<ElementIn>::value;
