@@ -1,6 +1,6 @@
 // Host side of the implicit-GEMM conv_bias_act: which convolutions it takes,
 // the choice against cuDNN, and the launch from at::Tensors. The kernels are
-// in conv_cutlass_{f16,bf16}.cu.
+// in conv_cutlass_{f16,bf16,tf32}.cu.
 #include "conv_cutlass.h"
 
 #include <torch/library.h>
