@@ -75,9 +75,7 @@ def _with_cuda_conv(algorithm: str, fn: Callable) -> Callable:
 def _implicit_gemm_takes(x, weight, residual, args) -> bool:
     """Whether the native CUDA op's implicit GEMM can run this convolution,
     whatever RESNET_FAST_CUDA_CONV says now."""
-    pair = lambda v: [v, v]  # noqa: E731
-    query = lambda x: torch.ops.resnet_fast_cuda.conv_algorithm(  # noqa: E731
-        x, weight, residual, pair(args["stride"]), pair(args["padding"]), pair(args["dilation"]), args["groups"])
+    query = lambda x: ops.cuda_conv_algorithm(x, weight, residual, **args)  # noqa: E731
     return _with_cuda_conv("auto", query)(x) == "cutlass"
 
 

@@ -72,7 +72,7 @@ void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const at::Te
   std::vector<int64_t> out_shape{x.size(0), weight.size(0)};
   for (int d = 0; d < 2; ++d) {
     const int64_t extent = dilation[d] * (weight.size(2 + d) - 1) + 1;
-    const int64_t size = (x.size(2 + d) + 2 * padding[d] - extent) / stride[d] + 1;
+    const int64_t size = conv_output_size(x.size(2 + d), weight.size(2 + d), stride[d], padding[d], dilation[d]);
     TORCH_CHECK(x.size(2 + d) + 2 * padding[d] >= extent, "resnet_fast: input of spatial size ",
                 x.sizes().slice(2), " is smaller than the (dilated) kernel ", weight.sizes().slice(2),
                 " with padding ", padding);

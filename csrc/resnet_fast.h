@@ -55,6 +55,11 @@ inline std::vector<int64_t> effective_dilation(const at::Tensor& weight, at::Int
   return result;
 }
 
+// Output size of a convolution along one spatial dimension.
+inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  return (in + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
 // Validation shared by every device's implementation of each op.
 void check_bias_act_args(const at::Tensor& y, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual);

@@ -29,7 +29,7 @@ from .validation import (
     effective_dilation,
 )
 
-__all__ = ["conv_bias_act", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
+__all__ = ["conv_bias_act", "cuda_conv_algorithm", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -85,6 +85,31 @@ def conv_bias_act(
     if backend == "reference":
         return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     return _kernels(backend).conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+def cuda_conv_algorithm(
+    x: Tensor,
+    weight: Tensor,
+    residual: Optional[Tensor] = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+) -> str:
+    """Which convolution conv_bias_act(backend="native") runs for these
+    arguments on CUDA tensors: "cutlass" (the implicit GEMM) or "cudnn: "
+    and why, under the current RESNET_FAST_CUDA_CONV. Only dtypes, sizes and
+    addresses are read, so the tensors may be on any device; needs the
+    extension built with its CUDA kernels."""
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    dilation = effective_dilation(weight.shape, dilation)
+    x, stride, padding = crop_for_unit_outputs(x, weight.shape, stride, padding, dilation)
+    try:
+        query = torch.ops.resnet_fast_cuda.conv_algorithm
+    except (AttributeError, RuntimeError):
+        raise RuntimeError("resnet_fast: the compiled extension has no CUDA kernels, so no CUDA convolution "
+                           "to choose") from None
+    return query(x, weight, residual, list(stride), list(padding), list(dilation), groups)
 
 
 def bias_act(

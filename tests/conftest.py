@@ -59,6 +59,18 @@ def assert_rel(out: torch.Tensor, ref: torch.Tensor, dtype=None, factor: float =
     assert err <= tol, f"relative error {err:.3g} > {tol:.3g}"
 
 
+@pytest.fixture
+def tf32():
+    """A setter of torch.backends.cudnn.allow_tf32 (a process-wide flag) whose
+    value is restored after the test."""
+    saved = torch.backends.cudnn.allow_tf32
+
+    def allow(value: bool):
+        torch.backends.cudnn.allow_tf32 = value
+    yield allow
+    torch.backends.cudnn.allow_tf32 = saved
+
+
 def poison_allocator(numel: int, device="cpu"):
     """Fill memory the allocator is about to hand out again with NaN, so an
     output element a kernel forgets to write shows up as NaN."""

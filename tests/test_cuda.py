@@ -25,15 +25,13 @@ def _to_cuda(*tensors):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CONV_CASES))
 @pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False)])
-def test_conv_bias_act_cuda(dtype, case, residual, relu):
+def test_conv_bias_act_cuda(dtype, case, residual, relu, tf32):
     x, weight, bias, args = make_conv(case, dtype)
     res = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype)) if residual else None
     x, weight, bias, res = _to_cuda(x, weight, bias, res)
-    saved, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
-    try:  # an exact float32 reference
-        expected = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="reference", **args)
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved
+    tf32(False)  # an exact float32 reference
+    expected = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="reference", **args)
+    tf32(True)
     poison_allocator(expected.numel(), CUDA)
     out = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="native", **args)
     assert out.device.type == "cuda" and out.is_contiguous(memory_format=torch.channels_last)
@@ -80,12 +78,9 @@ def test_bias_act_cuda(dtype, relu):
 
 
 @pytest.fixture
-def exact_fp32():
+def exact_fp32(tf32):
     """fp32 convolutions without TF32, so fp32 comparisons can be tight."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
+    tf32(False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -41,26 +41,13 @@ CUDNN_CASES = {
 }
 
 
-@pytest.fixture
-def tf32():
-    """Sets torch.backends.cudnn.allow_tf32 for one test (a process-wide flag)."""
-    saved = torch.backends.cudnn.allow_tf32
-
-    def allow(value: bool):
-        torch.backends.cudnn.allow_tf32 = value
-    yield allow
-    torch.backends.cudnn.allow_tf32 = saved
-
-
 def _conv(case, dtype, cases=IGEMM_CASES, device="cpu", layout="channels_last"):
     x, weight, bias, args = make_conv(case, dtype, layout, cases=cases)
     return x.to(device), weight.to(device), bias.to(device), args
 
 
 def _algorithm(x, weight, residual, args):
-    pair = lambda v: [v, v]  # noqa: E731
-    return torch.ops.resnet_fast_cuda.conv_algorithm(
-        x, weight, residual, pair(args["stride"]), pair(args["padding"]), pair(args["dilation"]), args["groups"])
+    return ops.cuda_conv_algorithm(x, weight, residual, **args)
 
 
 def _cutlass_built():

@@ -30,10 +30,6 @@ bool fits_int32_offsets(int64_t numel, const at::Tensor& like) {
   return numel * static_cast<int64_t>(like.element_size()) < (int64_t{1} << 31);
 }
 
-int64_t output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
-  return (in + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
-}
-
 template <typename... Parts>
 std::string concat(const Parts&... parts) {
   std::ostringstream out;
@@ -64,8 +60,8 @@ std::optional<std::string> cutlass_unsupported_reason(const at::Tensor& x, const
     return concat("input and output channels must be multiples of ", access, " for ", dtype,
                   " (16-byte accesses), got ", C, " and ", K);
   if (R > 32 || S > 32) return concat("kernel ", R, "x", S, " is larger than 32x32");
-  const int64_t P = output_size(x.size(2), R, stride[0], padding[0], dilation[0]);
-  const int64_t Q = output_size(x.size(3), S, stride[1], padding[1], dilation[1]);
+  const int64_t P = conv_output_size(x.size(2), R, stride[0], padding[0], dilation[0]);
+  const int64_t Q = conv_output_size(x.size(3), S, stride[1], padding[1], dilation[1]);
   if (!fits_int32_offsets(x.numel(), x) || !fits_int32_offsets(weight.numel(), x) ||
       !fits_int32_offsets(x.size(0) * K * P * Q, x))
     return std::string("a tensor of 2 GiB or more (the kernel uses 32-bit offsets)");
@@ -106,8 +102,8 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x, const at::Tensor& weight, 
   args.R = static_cast<int>(weight.size(2));
   args.S = static_cast<int>(weight.size(3));
   const std::vector<int64_t> dil = effective_dilation(weight, dilation);
-  args.P = static_cast<int>(output_size(args.H, args.R, stride[0], padding[0], dil[0]));
-  args.Q = static_cast<int>(output_size(args.W, args.S, stride[1], padding[1], dil[1]));
+  args.P = static_cast<int>(conv_output_size(args.H, args.R, stride[0], padding[0], dil[0]));
+  args.Q = static_cast<int>(conv_output_size(args.W, args.S, stride[1], padding[1], dil[1]));
   args.pad_h = static_cast<int>(padding[0]);
   args.pad_w = static_cast<int>(padding[1]);
   args.stride_h = static_cast<int>(stride[0]);
