@@ -76,7 +76,7 @@ def _implicit_gemm_takes(x, weight, residual, args) -> bool:
     """Whether the native CUDA op's implicit GEMM can run this convolution,
     whatever RESNET_FAST_CUDA_CONV says now."""
     query = lambda x: ops.cuda_conv_algorithm(x, weight, residual, **args)  # noqa: E731
-    return _with_cuda_conv("auto", query)(x) == "cutlass"
+    return _with_cuda_conv("auto", query)(x).startswith("cutlass")
 
 
 def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):

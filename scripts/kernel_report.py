@@ -40,12 +40,20 @@ def demangle(names):
     return done.stdout.splitlines() if done.returncode == 0 else list(names)
 
 
-def short_name(demangled: str) -> str:
+# The first GemmShape in a CUTLASS kernel's mangled name is its block tile.
+CUTLASS_TILE = re.compile(r"GemmShapeILi(\d+)ELi(\d+)ELi(\d+)E")
+
+
+def short_name(mangled: str, demangled: str) -> str:
     """The kernel's name with its namespaces dropped and long template
-    arguments elided (CUTLASS kernels are named by their whole type)."""
+    arguments elided; CUTLASS kernels, named by their whole type, by their
+    block tile (M x N x reduction depth) and activation iterator."""
     name = re.sub(r"^void ", "", demangled)
     if name.startswith(("cutlass::Kernel", "_ZN7cutlass6Kernel")):  # c++filt gives up on some of these
-        return "cutlass::Kernel<ImplicitGemmConvolutionWithFusedEpilogue<...>>"
+        tile = CUTLASS_TILE.search(mangled)
+        shape = "x".join(tile.groups()) if tile else "?"
+        iterator = "FixedChannels" if "FixedChannels" in mangled else "Optimized"
+        return f"cutlass implicit GEMM, {shape} tile, {iterator} iterator"
     name = name.replace("resnet_fast::gpu::", "").replace("(anonymous namespace)::", "")
     name = re.sub(r"\(.*\)$", "", name)
     return name if len(name) <= 100 else name[:97] + "..."
@@ -76,9 +84,10 @@ def write(rows) -> None:
         "`python scripts/kernel_report.py`). Spills are local-memory traffic the",
         "register allocator added; every count here should stay 0. Static shared",
         "memory excludes dynamic shared memory: the implicit-GEMM convolution",
-        "(csrc/cuda/conv_cutlass.cuh) takes 64 KiB of it per block (4 stages of a",
-        "128-pixel and a 128-channel tile, each 64 bytes deep in the reduction:",
-        "32 16-bit or 16 TF32 values) and runs 128 threads per block.",
+        "(csrc/cuda/conv_cutlass.cuh) runs 128 threads per block and takes 4",
+        "stages of a 128-pixel and a 128- or 64-channel tile, each 64 bytes deep",
+        "in the reduction (32 16-bit or 16 TF32 values): 64 KiB per block for",
+        "128x128 tiles, 48 KiB for 128x64.",
         "",
         "| source | kernel | arch | registers | stack (B) | spill stores (B) | spill loads (B) | static smem (B) |",
         "|---|---|---|---|---|---|---|---|",
@@ -86,7 +95,7 @@ def write(rows) -> None:
     for key in keys:
         source, mangled, arch = key
         r = rows[key]
-        lines.append(f"| {source} | `{short_name(names[mangled])}` | {arch} | {r.get('registers', '?')} | "
+        lines.append(f"| {source} | `{short_name(mangled, names[mangled])}` | {arch} | {r.get('registers', '?')} | "
                      f"{r.get('stack', '?')} | {r.get('spill_stores', '?')} | {r.get('spill_loads', '?')} | "
                      f"{r.get('smem', 0)} |")
     with open(REPORT, "w") as f:

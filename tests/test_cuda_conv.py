@@ -15,10 +15,11 @@ needs_cuda_build = pytest.mark.skipif(
     not backends._NATIVE_HAS_CUDA, reason="the extension was built without its CUDA kernels")
 needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
-# Shapes the implicit GEMM takes (channels multiples of 8): (n, c, h, w, k,
-# kernel, stride, padding, dilation, groups). Odd spatial sizes, batch 1,
-# output channels and pixel counts that are not multiples of the 128 x 128
-# tile, and a reduction that is not a multiple of its 32-deep slices.
+# Shapes the implicit GEMM takes (channels multiples of 8, or at most 4
+# input channels): (n, c, h, w, k, kernel, stride, padding, dilation,
+# groups). Odd spatial sizes, batch 1, output channels and pixel counts that
+# are not multiples of the tiles, and a reduction that is not a multiple of
+# its 32-deep slices.
 IGEMM_CASES = {
     "3x3s1_batch1_odd": (1, 8, 9, 11, 16, 3, 1, 1, 1, 1),
     "3x3s2_odd": (2, 16, 13, 7, 24, 3, 2, 1, 1, 1),
@@ -28,14 +29,38 @@ IGEMM_CASES = {
     "dilated": (2, 16, 12, 10, 16, 3, 1, 2, 2, 1),
     "K264_M429": (3, 64, 11, 13, 264, 3, 1, 1, 1, 1),
     "C520_1x1": (1, 520, 7, 7, 136, 1, 1, 0, 1, 1),
+    "K128_3x3s2": (2, 72, 9, 8, 128, 3, 2, 1, 1, 1),
+    "stem7x7s2_C3": (2, 3, 23, 19, 64, 7, 2, 3, 1, 1),
+    "C4_K136": (1, 4, 9, 11, 136, 3, 1, 1, 1, 1),
+    "C1_dilated_batch1": (1, 1, 12, 10, 24, 3, 1, 2, 2, 1),
+    "C2_5x5s2": (3, 2, 15, 14, 8, 5, 2, 2, 1, 1),
+}
+# The kernel each takes: 128x128 tiles for more than 64 output channels,
+# 128x64 for fewer, and the few-channel kernel for at most 4 input channels.
+IGEMM_KERNELS = {
+    "3x3s1_batch1_odd": "cutlass (128x64 tiles)",
+    "3x3s2_odd": "cutlass (128x64 tiles)",
+    "1x1": "cutlass (128x64 tiles)",
+    "1x1s2_downsample": "cutlass (128x64 tiles)",
+    "stem7x7s2_C8": "cutlass (128x64 tiles)",
+    "dilated": "cutlass (128x64 tiles)",
+    "K264_M429": "cutlass (128x128 tiles)",
+    "C520_1x1": "cutlass (128x128 tiles)",
+    "K128_3x3s2": "cutlass (128x128 tiles)",
+    "stem7x7s2_C3": "cutlass (128x64 tiles, 3 input channels zero-padded to 4)",
+    "C4_K136": "cutlass (128x64 tiles, 4 input channels)",
+    "C1_dilated_batch1": "cutlass (128x64 tiles, 1 input channel zero-padded to 4)",
+    "C2_5x5s2": "cutlass (128x64 tiles, 2 input channels zero-padded to 4)",
 }
 # float32 runs on TF32 tensor cores, so only where PyTorch allows TF32.
 IGEMM_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # Shapes it does not take, whether TF32 is allowed, and the words of the reason.
 CUDNN_CASES = {
-    "stem7x7s2_C3": ((2, 3, 23, 19, 16, 7, 2, 3, 1, 1), torch.float16, True, "multiples of 8"),
-    "K12": ((1, 8, 9, 11, 12, 3, 1, 1, 1, 1), torch.bfloat16, True, "multiples of 8"),
-    "K6_float32": ((1, 8, 9, 11, 6, 3, 1, 1, 1, 1), torch.float32, True, "multiples of 4"),
+    "C12": ((2, 12, 13, 9, 16, 3, 1, 1, 1, 1), torch.float16, True, "at most 4 or a multiple of 8"),
+    "C6_float32": ((1, 6, 9, 11, 16, 3, 1, 1, 1, 1), torch.float32, True, "at most 4 or a multiple of 4"),
+    "K12": ((1, 8, 9, 11, 12, 3, 1, 1, 1, 1), torch.bfloat16, True, "output channels must be a multiple of 8"),
+    "K6_float32": ((1, 8, 9, 11, 6, 3, 1, 1, 1, 1), torch.float32, True, "output channels must be a multiple of 4"),
+    "stem_K60": ((2, 3, 23, 19, 60, 7, 2, 3, 1, 1), torch.float16, True, "output channels must be a multiple of 8"),
     "grouped": ((2, 16, 7, 9, 16, 3, 1, 1, 1, 4), torch.float16, True, "grouped"),
     "float32_tf32_off": ((1, 8, 9, 11, 16, 3, 1, 1, 1, 1), torch.float32, False, "TF32 off"),
 }
@@ -68,10 +93,11 @@ def test_implicit_gemm_takes_aligned_convolutions(case, dtype, monkeypatch, tf32
         pytest.skip("the extension was built without the CUTLASS headers (nvidia-cutlass not installed)")
     x, weight, _, args = _conv(case, dtype)
     residual = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype))
-    assert _algorithm(x, weight, residual, args) == "cutlass"
-    assert _algorithm(x, weight, None, args) == "cutlass"
+    kernel = IGEMM_KERNELS[case]
+    assert _algorithm(x, weight, residual, args) == kernel
+    assert _algorithm(x, weight, None, args) == kernel
     # Any input layout: the op makes channels_last copies first.
-    assert _algorithm(x.contiguous(), weight.contiguous(), residual.contiguous(), args) == "cutlass"
+    assert _algorithm(x.contiguous(), weight.contiguous(), residual.contiguous(), args) == kernel
 
 
 @needs_cuda_build
@@ -98,6 +124,12 @@ def test_misaligned_tensors_go_to_cudnn(monkeypatch):
     shifted.copy_(x)
     assert shifted.is_contiguous(memory_format=torch.channels_last)
     assert "16-byte" in _algorithm(shifted, weight, None, args)
+    # Inputs of fewer than 4 channels are copied (zero-padded) first, so
+    # where they start does not matter.
+    x, weight, _, args = _conv("stem7x7s2_C3", torch.float16)
+    shifted = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(2, 23, 19, 3).permute(0, 3, 1, 2)
+    shifted.copy_(x)
+    assert _algorithm(shifted, weight, None, args) == IGEMM_KERNELS["stem7x7s2_C3"]
 
 
 @needs_cuda_build

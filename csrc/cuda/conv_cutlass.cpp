@@ -56,19 +56,23 @@ std::optional<std::string> cutlass_unsupported_reason(const at::Tensor& x, const
   if (groups != 1) return concat("grouped convolution (groups=", groups, ")");
   const int64_t C = x.size(1), K = weight.size(0), R = weight.size(2), S = weight.size(3);
   const int64_t access = 16 / x.element_size();  // elements per 16-byte access
-  if (C % access != 0 || K % access != 0)
-    return concat("input and output channels must be multiples of ", access, " for ", dtype,
-                  " (16-byte accesses), got ", C, " and ", K);
+  const bool padded = C < kFewChannels;  // x and weight get zero-padded copies
+  if (C > kFewChannels && C % access != 0)
+    return concat("input channels must be at most ", kFewChannels, " or a multiple of ", access, " for ", dtype,
+                  " (16-byte loads), got ", C);
+  if (K % access != 0)
+    return concat("output channels must be a multiple of ", access, " for ", dtype, " (16-byte stores), got ", K);
   if (R > 32 || S > 32) return concat("kernel ", R, "x", S, " is larger than 32x32");
   const int64_t P = conv_output_size(x.size(2), R, stride[0], padding[0], dilation[0]);
   const int64_t Q = conv_output_size(x.size(3), S, stride[1], padding[1], dilation[1]);
-  if (!fits_int32_offsets(x.numel(), x) || !fits_int32_offsets(weight.numel(), x) ||
+  const int64_t C_read = padded ? kFewChannels : C;
+  if (!fits_int32_offsets(x.numel() / C * C_read, x) || !fits_int32_offsets(weight.numel() / C * C_read, x) ||
       !fits_int32_offsets(x.size(0) * K * P * Q, x))
     return std::string("a tensor of 2 GiB or more (the kernel uses 32-bit offsets)");
   if (!x.is_contiguous(at::MemoryFormat::ChannelsLast) || !weight.is_contiguous(at::MemoryFormat::ChannelsLast) ||
       (residual.has_value() && !residual->is_contiguous(at::MemoryFormat::ChannelsLast)))
     return std::string("x, weight and residual must be channels_last contiguous");
-  if (!aligned16(x) || !aligned16(weight) || (residual.has_value() && !aligned16(*residual)))
+  if ((!padded && (!aligned16(x) || !aligned16(weight))) || (residual.has_value() && !aligned16(*residual)))
     return std::string("x, weight and residual must start on 16-byte boundaries");
   return std::nullopt;
 #endif
@@ -87,12 +91,46 @@ std::optional<std::string> cudnn_reason(const at::Tensor& x, const at::Tensor& w
   return reason;
 }
 
-at::Tensor conv_bias_act_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+CutlassKernel choose_cutlass_kernel(int64_t C, int64_t K) {
+  if (C <= kFewChannels) return CutlassKernel::kFewChannels;
+  return K <= 64 ? CutlassKernel::kNarrow : CutlassKernel::kWide;
+}
+
+std::string cutlass_kernel_name(CutlassKernel kernel, int64_t C) {
+  switch (kernel) {
+    case CutlassKernel::kWide:
+      return "cutlass (128x128 tiles)";
+    case CutlassKernel::kNarrow:
+      return "cutlass (128x64 tiles)";
+    case CutlassKernel::kFewChannels:
+      if (C == kFewChannels) return concat("cutlass (128x64 tiles, ", kFewChannels, " input channels)");
+      return concat("cutlass (128x64 tiles, ", C, C == 1 ? " input channel" : " input channels", " zero-padded to ",
+                    kFewChannels, ")");
+  }
+  return "cutlass";
+}
+
+namespace {
+
+// t ([n, c, h, w], channels_last) with zero channels appended up to
+// `channels`, channels_last.
+at::Tensor pad_channels(const at::Tensor& t, int64_t channels) {
+  return at::constant_pad_nd(t, {0, 0, 0, 0, 0, channels - t.size(1)}).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace
+
+at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias,
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
 #if !defined(RESNET_FAST_WITH_CUTLASS)
   TORCH_CHECK(false, "resnet_fast: the extension was built without the CUTLASS headers");
 #else
+  const CutlassKernel kernel = choose_cutlass_kernel(x_in.size(1), weight_in.size(0));
+  // The few-channel kernel reads exactly kFewChannels channels per filter tap.
+  const bool pad = x_in.size(1) < kFewChannels;
+  const at::Tensor x = pad ? pad_channels(x_in, kFewChannels) : x_in;
+  const at::Tensor weight = pad ? pad_channels(weight_in, kFewChannels) : weight_in;
   CutlassConvArgs args;
   args.N = static_cast<int>(x.size(0));
   args.C = static_cast<int>(x.size(1));
@@ -125,9 +163,9 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x, const at::Tensor& weight, 
   args.residual = residual.has_value() ? residual->data_ptr() : nullptr;
   args.out = out.data_ptr();
   const at::ScalarType dtype = x.scalar_type();
-  const std::string error = dtype == at::kHalf       ? launch_conv_cutlass_f16(args)
-                            : dtype == at::kBFloat16 ? launch_conv_cutlass_bf16(args)
-                                                     : launch_conv_cutlass_tf32(args);
+  const std::string error = dtype == at::kHalf       ? launch_conv_cutlass_f16(args, kernel)
+                            : dtype == at::kBFloat16 ? launch_conv_cutlass_bf16(args, kernel)
+                                                     : launch_conv_cutlass_tf32(args, kernel);
   TORCH_CHECK(error.empty(), "resnet_fast: the implicit-GEMM convolution failed: ", error);
   return out;
 #endif
@@ -135,8 +173,8 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x, const at::Tensor& weight, 
 
 namespace {
 
-// What conv_bias_act would run for these arguments: "cutlass", or "cudnn: "
-// and why. For tests and benchmarks; takes tensors on any device.
+// What conv_bias_act would run for these arguments: "cutlass (<kernel>)", or
+// "cudnn: " and why. For tests and benchmarks; takes tensors on any device.
 std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                            int64_t groups) {
@@ -147,7 +185,8 @@ std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const 
   const std::optional<std::string> reason =
       cudnn_reason(as_nhwc(x), weight.contiguous(at::MemoryFormat::ChannelsLast), residual_nhwc, stride, padding,
                    effective_dilation(weight, dilation), groups);
-  return reason.has_value() ? "cudnn: " + *reason : "cutlass";
+  if (reason.has_value()) return "cudnn: " + *reason;
+  return cutlass_kernel_name(choose_cutlass_kernel(x.size(1), weight.size(0)), x.size(1));
 }
 
 }  // namespace

@@ -13,8 +13,10 @@
 // GEMM view: M = N*P*Q output pixels, N = K output channels, reduction over
 // R*S*C. float16 and bfloat16 run on 16-bit tensor cores, float32 on TF32
 // ones (the host side allows that only where PyTorch's cuDNN convolutions
-// may use TF32). One tile configuration per dtype keeps the build within
-// CI's time.
+// may use TF32). Three kernels per dtype (KernelShape) keep the build within
+// CI's time; each dtype is its own file, so they compile in parallel.
+// Grouped convolutions stay with cuDNN: ResNeXt's groups are 4 to 32
+// channels deep, too thin a reduction for these tiles.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -105,35 +107,52 @@ class BiasResidualAct {
 template <typename T>
 constexpr int kAccess = 128 / cutlass::sizeof_bits<T>::value;
 
-// A 128x128 output tile per block of 4 warps (64x64 each), 4 pipeline stages
-// of 16-byte-wide reduction slices (32 deep for 16-bit inputs, 16 for TF32:
-// 64 KiB of shared memory either way), and the matching mma.sync shape
-// (16x8x16 for 16-bit inputs, 16x8x8 for TF32). ElementIn is the type of x
-// and the weight (half_t, bfloat16_t, or float, which the warp-level mma
-// rounds to TF32); ElementOut is the output's type.
-template <typename ElementIn, typename ElementOut>
+// The shapes of the three kernels (CutlassKernel): a block of 4 warps, 2 x 2
+// over the output tile; 4 pipeline stages of reduction slices 64 bytes deep
+// (32 16-bit values, 16 for TF32); the matching mma.sync shape
+// (16x8x16 for 16-bit inputs, 16x8x8 for TF32). Shared memory per block:
+// 64 KiB for 128x128 tiles, 48 KiB for 128x64.
+template <CutlassKernel kKernel>
+struct KernelShape {
+  static constexpr int kTileN = kKernel == CutlassKernel::kWide ? 128 : 64;
+  // kOptimized walks the filter taps one at a time, each reduction slice
+  // within one tap's channels; kFixedChannels packs several taps into a
+  // slice, reading exactly kFewChannels channels per tap. A 7x7 stem over 3
+  // channels padded to 4 then keeps 2/3 of the tensor-core work useful
+  // (147 of 7 x 32 reduction steps) rather than 3/32.
+  static constexpr cutlass::conv::IteratorAlgorithm kIterator = kKernel == CutlassKernel::kFewChannels
+                                                                    ? cutlass::conv::IteratorAlgorithm::kFixedChannels
+                                                                    : cutlass::conv::IteratorAlgorithm::kOptimized;
+};
+
+// ElementIn is the type of x and the weight (half_t, bfloat16_t, or float,
+// which the warp-level mma rounds to TF32); ElementOut is the output's type.
+template <typename ElementIn, typename ElementOut, CutlassKernel kKernel>
 struct CutlassConv {
   static constexpr int kDepth = 512 / cutlass::sizeof_bits<ElementIn>::value;
+  static constexpr int kTileN = KernelShape<kKernel>::kTileN;
+  // Elements per load of x and the weight: 16 bytes, or one tap's channels.
+  static constexpr int kInputAccess =
+      kKernel == CutlassKernel::kFewChannels ? static_cast<int>(kFewChannels) : kAccess<ElementIn>;
   using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
       ElementIn, cutlass::layout::TensorNHWC,        // x
       ElementIn, cutlass::layout::TensorNHWC,        // weight, [K, R, S, C]
       ElementOut, cutlass::layout::TensorNHWC,       // out and residual
       float,                                         // accumulator
       cutlass::arch::OpClassTensorOp, cutlass::arch::Sm80,
-      cutlass::gemm::GemmShape<128, 128, kDepth>,    // block tile
-      cutlass::gemm::GemmShape<64, 64, kDepth>,      // warp tile
+      cutlass::gemm::GemmShape<128, kTileN, kDepth>,     // block tile
+      cutlass::gemm::GemmShape<64, kTileN / 2, kDepth>,  // warp tile
       cutlass::gemm::GemmShape<16, 8, 256 / cutlass::sizeof_bits<ElementIn>::value>,  // mma instruction
       BiasResidualAct<ElementOut, kAccess<ElementOut>>,
       cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>,
-      /*Stages=*/4, cutlass::arch::OpMultiplyAdd,
-      cutlass::conv::IteratorAlgorithm::kOptimized, cutlass::conv::StrideSupport::kStrided,
-      kAccess<ElementIn>, kAccess<ElementIn>>::Kernel;
+      /*Stages=*/4, cutlass::arch::OpMultiplyAdd, KernelShape<kKernel>::kIterator,
+      cutlass::conv::StrideSupport::kStrided, kInputAccess, kInputAccess>::Kernel;
   using Device = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
 };
 
-template <typename ElementIn, typename ElementOut>
-std::string run_conv_cutlass(const CutlassConvArgs& a) {
-  using Conv = typename CutlassConv<ElementIn, ElementOut>::Device;
+template <typename ElementIn, typename ElementOut, CutlassKernel kKernel>
+std::string run_cutlass_kernel(const CutlassConvArgs& a) {
+  using Conv = typename CutlassConv<ElementIn, ElementOut, kKernel>::Device;
   using Layout = cutlass::layout::TensorNHWC;
 
   const cutlass::conv::Conv2dProblemSize problem(
@@ -170,6 +189,21 @@ std::string run_conv_cutlass(const CutlassConvArgs& a) {
   if (status == cutlass::Status::kSuccess) status = conv.run(stream);
   if (status != cutlass::Status::kSuccess) return cutlassGetStatusString(status);
   return {};
+}
+
+// The launch of one dtype's kernels; each conv_cutlass_<dtype>.cu
+// instantiates it once.
+template <typename ElementIn, typename ElementOut>
+std::string run_conv_cutlass(const CutlassConvArgs& args, CutlassKernel kernel) {
+  switch (kernel) {
+    case CutlassKernel::kWide:
+      return run_cutlass_kernel<ElementIn, ElementOut, CutlassKernel::kWide>(args);
+    case CutlassKernel::kNarrow:
+      return run_cutlass_kernel<ElementIn, ElementOut, CutlassKernel::kNarrow>(args);
+    case CutlassKernel::kFewChannels:
+      return run_cutlass_kernel<ElementIn, ElementOut, CutlassKernel::kFewChannels>(args);
+  }
+  return "unknown kernel";
 }
 
 }  // namespace resnet_fast::gpu

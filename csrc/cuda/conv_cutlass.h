@@ -24,7 +24,8 @@ ConvAlgorithm requested_conv_algorithm();
 // Why the implicit GEMM cannot run this convolution, or nullopt when it can.
 // x, weight and residual are the tensors as the kernel would get them
 // (channels_last contiguous); only their dtypes, sizes and addresses are read,
-// so this also answers for CPU tensors.
+// so this also answers for CPU tensors. Inputs with fewer than kFewChannels
+// channels are copied (zero-padded), so their addresses do not matter.
 std::optional<std::string> cutlass_unsupported_reason(const at::Tensor& x, const at::Tensor& weight,
                                                       const std::optional<at::Tensor>& residual,
                                                       at::IntArrayRef stride, at::IntArrayRef padding,
@@ -51,13 +52,31 @@ struct CutlassConvArgs {
   bool relu = false;
 };
 
-// Run out = act(conv(x, weight) + bias + residual) on the current stream of
-// the current device, for float16, bfloat16 and (on TF32 tensor cores)
-// float32 tensors. Each returns an empty string on success, else CUTLASS's
-// reason.
-std::string launch_conv_cutlass_f16(const CutlassConvArgs& args);
-std::string launch_conv_cutlass_bf16(const CutlassConvArgs& args);
-std::string launch_conv_cutlass_tf32(const CutlassConvArgs& args);
+// The implicit-GEMM kernels, one of each per dtype. A block of 4 warps
+// computes a tile of 128 output pixels by 128 or 64 output channels.
+enum class CutlassKernel {
+  kWide,         // 128x128 tiles, for more than 64 output channels
+  kNarrow,       // 128x64 tiles, for at most 64 (a 128-wide tile would be half idle)
+  kFewChannels,  // 128x64 tiles over exactly kFewChannels input channels, each
+                 // reduction slice taking several filter taps at once: the RGB
+                 // stem, its input zero-padded from 3 channels
+};
+// The input channels of kFewChannels; inputs with fewer are zero-padded to it.
+constexpr int64_t kFewChannels = 4;
+
+// The kernel for C input and K output channels, where the implicit GEMM can
+// run the convolution (cutlass_unsupported_reason).
+CutlassKernel choose_cutlass_kernel(int64_t C, int64_t K);
+// "cutlass wide (128x128 tiles)" and so on, as ops.cuda_conv_algorithm says.
+std::string cutlass_kernel_name(CutlassKernel kernel, int64_t C);
+
+// Run out = act(conv(x, weight) + bias + residual) with one kernel on the
+// current stream of the current device, for float16, bfloat16 and (on TF32
+// tensor cores) float32 tensors. Each returns an empty string on success,
+// else CUTLASS's reason.
+std::string launch_conv_cutlass_f16(const CutlassConvArgs& args, CutlassKernel kernel);
+std::string launch_conv_cutlass_bf16(const CutlassConvArgs& args, CutlassKernel kernel);
+std::string launch_conv_cutlass_tf32(const CutlassConvArgs& args, CutlassKernel kernel);
 
 // conv_bias_act on the implicit GEMM; the caller has checked the arguments,
 // holds the device guard and made sure cudnn_reason is nullopt for exactly

@@ -1,4 +1,4 @@
-// The implicit-GEMM conv_bias_act for bfloat16 (one kernel per file, so the
+// The implicit-GEMM conv_bias_act for bfloat16 (one dtype per file, so the
 // dtypes compile in parallel).
 #include <cutlass/bfloat16.h>
 
@@ -6,8 +6,8 @@
 
 namespace resnet_fast::gpu {
 
-std::string launch_conv_cutlass_bf16(const CutlassConvArgs& args) {
-  return run_conv_cutlass<cutlass::bfloat16_t, cutlass::bfloat16_t>(args);
+std::string launch_conv_cutlass_bf16(const CutlassConvArgs& args, CutlassKernel kernel) {
+  return run_conv_cutlass<cutlass::bfloat16_t, cutlass::bfloat16_t>(args, kernel);
 }
 
 }  // namespace resnet_fast::gpu
