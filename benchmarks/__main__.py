@@ -35,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--max-autotune", action="store_true",
                         help="also torch.compile(mode='max-autotune') of torchvision's model (minutes of tuning)")
+    parser.add_argument("--tune", action="store_true",
+                        help="also resnet_fast with backend=None following a per-layer plan that resnet_fast.tune() "
+                             "measures in the same run (not saved)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per contender (after 2 warm-up runs)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
     args = parser.parse_args(argv)
@@ -89,7 +92,8 @@ def main(argv=None) -> int:
         for b in batches:
             print(f"  eval forward: {arch}, batch {b}", flush=True)
             rows += end_to_end.run(arch, b, args.size, dtype, device, not args.no_compile, args.repeats,
-                                   flops, env["ceiling"], max_autotune=args.max_autotune and not args.no_compile)
+                                   flops, env["ceiling"], max_autotune=args.max_autotune and not args.no_compile,
+                                   tune=args.tune)
             save(args.out, env, rows)
         if train_batch:
             print(f"  train step: {arch}, batch {train_batch}, {train_size}x{train_size}", flush=True)

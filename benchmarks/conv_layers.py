@@ -72,11 +72,11 @@ def _with_cuda_conv(algorithm: str, fn: Callable) -> Callable:
     return run
 
 
-def _implicit_gemm_takes(x, weight, residual, args) -> bool:
-    """Whether the native CUDA op's implicit GEMM can run this convolution,
-    whatever RESNET_FAST_CUDA_CONV says now."""
+def _cuda_conv_choice(x, weight, residual, args) -> str:
+    """The convolution the native CUDA op picks by itself ("cutlass (...)"
+    or "cudnn: why"), whatever RESNET_FAST_CUDA_CONV says now."""
     query = lambda x: ops.cuda_conv_algorithm(x, weight, residual, **args)  # noqa: E731
-    return _with_cuda_conv("auto", query)(x).startswith("cutlass")
+    return _with_cuda_conv("auto", query)(x)
 
 
 def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
@@ -114,9 +114,11 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
     for backend in kernel_backends(device):
         contenders[f"ours ({backend})"] = lambda x, backend=backend: ops.conv_bias_act(
             x, weight, bias, residual, relu=relu, backend=backend, **args)
+    cuda_conv = None
     if device.type == "cuda" and "native" in kernel_backends(device):
         native = contenders["ours (native)"]
-        if _implicit_gemm_takes(x, weight, residual, args):
+        cuda_conv = _cuda_conv_choice(x, weight, residual, args)
+        if cuda_conv.startswith("cutlass"):
             contenders["ours (native, cutlass)"] = _with_cuda_conv("cutlass", native)
         contenders["ours (native, cudnn)"] = _with_cuda_conv("cudnn", native)
     contenders["conv+epilogue"] = lambda x: ops.bias_act(F.conv2d(x, weight, None, **args), bias, residual, relu,
@@ -126,14 +128,14 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
         contenders["ours (native, prepacked)"] = lambda x: ops.conv_bias_act(x, packed, bias, residual, relu=relu,
                                                                             **args)
     flops = 2 * out_shape.numel() * c // g * r * r
-    return contenders, x, flops
+    return contenders, x, flops, cuda_conv
 
 
 def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.device, repeats: int) -> List[Dict]:
     torch.manual_seed(0)
     rows = []
     for layer in conv_shapes(arch, batch, size):
-        contenders, x, flops = _layer_contenders(layer, device, dtype)
+        contenders, x, flops, cuda_conv = _layer_contenders(layer, device, dtype)
         timings = compare(contenders, [x], repeats=repeats, device=device)
         base = timings["eager"]["median_s"]
         for name, t in timings.items():
@@ -151,5 +153,7 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
                 "median_ms": t["median_s"] * 1e3,
                 "tflops": flops / t["median_s"] / 1e12,
                 "speedup_vs_eager": base / t["median_s"],
+                # What "ours (native)" ran on CUDA: which implicit-GEMM kernel, or cuDNN and why.
+                **({"cuda_conv": cuda_conv} if cuda_conv is not None and name == "ours (native)" else {}),
             })
     return rows

@@ -2,7 +2,9 @@
 channels_last) and torch.compile of torchvision's model, same process, same
 inputs. On a GPU at small batches also both replayed as CUDA graphs (ours
 through resnet_fast.cuda_graphed, torch.compile in reduce-overhead mode);
-torch.compile's max-autotune mode on request."""
+torch.compile's max-autotune mode on request, and on request resnet_fast with
+backend=None following a per-layer plan measured by resnet_fast.tune() in
+the same run."""
 import copy
 from typing import Dict, List, Optional
 
@@ -59,7 +61,7 @@ def flops_per_image(arch: str, size: int) -> float:
 
 def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.device,
         with_compile: bool, repeats: int, flops: float = 0.0, ceiling: Optional[Dict] = None,
-        max_autotune: bool = False) -> List[Dict]:
+        max_autotune: bool = False, tune: bool = False) -> List[Dict]:
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)()
     randomize_batchnorm_(tv)  # non-trivial BN, so that the check of outputs means something
@@ -92,6 +94,12 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
             autotuned = _compiled(copy.deepcopy(tv_cl), device, mode="max-autotune")
             contenders["torch.compile(torchvision) max-autotune"] = lambda i: autotuned(inputs_cl[i])
 
+    plan = None
+    if tune:
+        planned = resnet_fast.from_torchvision(tv).eval()  # backend=None: each layer as the plan says
+        plan = resnet_fast.tune(planned, inputs_cl[0], save=False)
+        contenders["resnet_fast (tuned plan)"] = lambda i: planned(inputs_cl[i])
+
     with torch.inference_mode():
         expected = tv(inputs[0]).float()
         errors = {name: _rel_err(fn(0).float(), expected) for name, fn in contenders.items()}
@@ -113,6 +121,7 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
             "rel_err_vs_torchvision": errors[name],
             **_throughput(flops * batch / t["median_s"], ceiling),
             **({"peak_mem_mb": t["peak_mem_mb"]} if "peak_mem_mb" in t else {}),
+            **({"plan": _plan_summary(plan)} if name == "resnet_fast (tuned plan)" else {}),
         }
         for name, t in timings.items()
     ]
@@ -129,3 +138,11 @@ def _throughput(flops_per_s: float, ceiling: Optional[Dict]) -> Dict:
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def _plan_summary(plan: Dict[str, str]) -> str:
+    """How many distinct layers the plan gives each backend: "native 14, reference 3"."""
+    counts: Dict[str, int] = {}
+    for backend in plan.values():
+        counts[backend] = counts.get(backend, 0) + 1
+    return ", ".join(f"{b} {n}" for b, n in sorted(counts.items(), key=lambda item: -item[1]))

@@ -41,7 +41,8 @@ def markdown(env: Dict, rows: List[Dict]) -> str:
             _table(
                 e2e,
                 ["model", "batch", "dtype", "contender", "median_ms", "images_per_s", "speedup_vs_eager_channels_last",
-                 "fraction_of_matmul_peak", "peak_mem_mb", "rel_err_vs_torchvision"],
+                 "fraction_of_matmul_peak", "peak_mem_mb", "rel_err_vs_torchvision"]
+                + (["plan"] if any("plan" in r for r in e2e) else []),
                 {"median_ms": "{:.1f}", "images_per_s": "{:.1f}", "speedup_vs_eager_channels_last": "{:.2f}x",
                  "fraction_of_matmul_peak": "{:.1%}", "peak_mem_mb": "{:.0f}", "rel_err_vs_torchvision": "{:.1e}"},
             ),
@@ -88,7 +89,8 @@ def markdown(env: Dict, rows: List[Dict]) -> str:
                    {"geomean_speedup_vs_eager": "{:.2f}x", "min_speedup_vs_eager": "{:.2f}x",
                     "geomean_speedup_vs_folded": "{:.2f}x", "total_ms": "{:.1f}"}),
             "",
-            _table(layers, ["layer", "shape", "contender", "median_ms", "tflops", "speedup_vs_eager"],
+            _table(layers, ["layer", "shape", "contender", "median_ms", "tflops", "speedup_vs_eager"]
+                   + (["cuda_conv"] if any("cuda_conv" in r for r in layers) else []),
                    {"median_ms": "{:.2f}", "tflops": "{:.3f}", "speedup_vs_eager": "{:.2f}x"}),
             "",
         ]

@@ -53,7 +53,7 @@ CONTENDER_NAMES = ["eager", "folded", "conv+epilogue", "ours (native, prepacked)
 @pytest.mark.parametrize("layer", LAYERS, ids=_layer_id)
 def test_conv_layer(benchmark, layer, contender):
     torch.manual_seed(0)
-    contenders, x, flops = _layer_contenders(layer, DEVICE, DTYPE)
+    contenders, x, flops, _ = _layer_contenders(layer, DEVICE, DTYPE)
     if contender not in contenders:
         pytest.skip(f"{contender} does not run on {DEVICE}")
     with torch.inference_mode():
