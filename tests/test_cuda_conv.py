@@ -80,17 +80,23 @@ def _cutlass_built():
     return "without the CUTLASS headers" not in _algorithm(x, weight, None, args)
 
 
+@pytest.fixture
+def auto_choice(monkeypatch, tf32):
+    """RESNET_FAST_CUDA_CONV unset and TF32 allowed, so the implicit GEMM
+    takes every convolution it can; skips when it was not built."""
+    monkeypatch.delenv("RESNET_FAST_CUDA_CONV", raising=False)
+    tf32(True)
+    if not _cutlass_built():
+        pytest.skip("the extension was built without the CUTLASS headers (nvidia-cutlass not installed)")
+
+
 # ---------------------------------------------------------------- the choice (any machine)
 
 
 @needs_cuda_build
 @pytest.mark.parametrize("case", list(IGEMM_CASES))
 @pytest.mark.parametrize("dtype", IGEMM_DTYPES, ids=str)
-def test_implicit_gemm_takes_aligned_convolutions(case, dtype, monkeypatch, tf32):
-    monkeypatch.delenv("RESNET_FAST_CUDA_CONV", raising=False)
-    tf32(True)
-    if not _cutlass_built():
-        pytest.skip("the extension was built without the CUTLASS headers (nvidia-cutlass not installed)")
+def test_implicit_gemm_takes_aligned_convolutions(case, dtype, auto_choice):
     x, weight, _, args = _conv(case, dtype)
     residual = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype))
     kernel = IGEMM_KERNELS[case]
@@ -113,11 +119,41 @@ def test_other_convolutions_go_to_cudnn_with_the_reason(case, monkeypatch, tf32)
         assert reason in got
 
 
+# Main-loop steps per block, (16-bit, TF32): the few-channel kernel packs
+# the 4 channels of 8 filter taps into each 32-deep slice of 16-bit values
+# (4 taps into a 16-deep TF32 slice); the others step through one tap's
+# channels at a time.
+REDUCTION_STEPS = {
+    "stem7x7s2_C3": (7, 13),  # ceil(49 / 8), ceil(49 / 4) rather than 49 one-tap steps
+    "C2_5x5s2": (4, 7),  # ceil(25 / 8), ceil(25 / 4)
+    "C4_K136": (2, 3),  # ceil(9 / 8), ceil(9 / 4)
+    "K264_M429": (18, 36),  # 9 taps x 64 / 32, 9 x 64 / 16
+    "C520_1x1": (17, 33),  # ceil(520 / 32), ceil(520 / 16)
+}
+
+
 @needs_cuda_build
-def test_misaligned_tensors_go_to_cudnn(monkeypatch):
+@pytest.mark.parametrize("case", list(REDUCTION_STEPS))
+@pytest.mark.parametrize("dtype", IGEMM_DTYPES, ids=str)
+def test_implicit_gemm_reduction_steps(case, dtype, auto_choice):
+    """The launch parameters, computed on the host as for a real launch."""
+    x, weight, _, args = _conv(case, dtype)
+    pairs = [[args[name]] * 2 for name in ("stride", "padding", "dilation")]
+    steps = torch.ops.resnet_fast_cuda.cutlass_reduction_steps(x, weight, *pairs)
+    assert steps == REDUCTION_STEPS[case][dtype == torch.float32]
+
+
+@needs_cuda_build
+def test_reduction_steps_need_a_convolution_the_implicit_gemm_takes(monkeypatch):
     monkeypatch.delenv("RESNET_FAST_CUDA_CONV", raising=False)
-    if not _cutlass_built():
-        pytest.skip("the extension was built without the CUTLASS headers (nvidia-cutlass not installed)")
+    geometry, dtype, _, _ = CUDNN_CASES["K12"]
+    x, weight, _, args = _conv("K12", dtype, cases={"K12": geometry})
+    with pytest.raises(RuntimeError, match="the implicit GEMM does not run this convolution: cudnn: "):
+        torch.ops.resnet_fast_cuda.cutlass_reduction_steps(x, weight, [1, 1], [1, 1], [1, 1])
+
+
+@needs_cuda_build
+def test_misaligned_tensors_go_to_cudnn(auto_choice):
     x, weight, _, args = _conv("3x3s1_batch1_odd", torch.float16)
     # A channels_last tensor starting 2 bytes past a 16-byte boundary.
     shifted = torch.empty(x.numel() + 1, dtype=x.dtype)[1:].view(1, 9, 11, 8).permute(0, 3, 1, 2)

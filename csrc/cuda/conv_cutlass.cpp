@@ -5,6 +5,7 @@
 
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
@@ -110,27 +111,12 @@ std::string cutlass_kernel_name(CutlassKernel kernel, int64_t C) {
   return "cutlass";
 }
 
+#if defined(RESNET_FAST_WITH_CUTLASS)
 namespace {
 
-// t ([n, c, h, w], channels_last) with zero channels appended up to
-// `channels`, channels_last.
-at::Tensor pad_channels(const at::Tensor& t, int64_t channels) {
-  return at::constant_pad_nd(t, {0, 0, 0, 0, 0, channels - t.size(1)}).contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-}  // namespace
-
-at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias,
-                                 const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
-#if !defined(RESNET_FAST_WITH_CUTLASS)
-  TORCH_CHECK(false, "resnet_fast: the extension was built without the CUTLASS headers");
-#else
-  const CutlassKernel kernel = choose_cutlass_kernel(x_in.size(1), weight_in.size(0));
-  // The few-channel kernel reads exactly kFewChannels channels per filter tap.
-  const bool pad = x_in.size(1) < kFewChannels;
-  const at::Tensor x = pad ? pad_channels(x_in, kFewChannels) : x_in;
-  const at::Tensor weight = pad ? pad_channels(weight_in, kFewChannels) : weight_in;
+// The sizes of a launch over x ([N, C, H, W]) and weight ([K, C, R, S]).
+CutlassConvArgs launch_geometry(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
   CutlassConvArgs args;
   args.N = static_cast<int>(x.size(0));
   args.C = static_cast<int>(x.size(1));
@@ -148,6 +134,36 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weigh
   args.stride_w = static_cast<int>(stride[1]);
   args.dilation_h = static_cast<int>(dil[0]);
   args.dilation_w = static_cast<int>(dil[1]);
+  return args;
+}
+
+std::string launch(const CutlassConvArgs& args, at::ScalarType dtype, CutlassKernel kernel) {
+  return dtype == at::kHalf       ? launch_conv_cutlass_f16(args, kernel)
+         : dtype == at::kBFloat16 ? launch_conv_cutlass_bf16(args, kernel)
+                                  : launch_conv_cutlass_tf32(args, kernel);
+}
+
+// t ([n, c, h, w], channels_last) with zero channels appended up to
+// `channels`, channels_last.
+at::Tensor pad_channels(const at::Tensor& t, int64_t channels) {
+  return at::constant_pad_nd(t, {0, 0, 0, 0, 0, channels - t.size(1)}).contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+}  // namespace
+#endif  // RESNET_FAST_WITH_CUTLASS
+
+at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias,
+                                 const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
+#if !defined(RESNET_FAST_WITH_CUTLASS)
+  TORCH_CHECK(false, "resnet_fast: the extension was built without the CUTLASS headers");
+#else
+  const CutlassKernel kernel = choose_cutlass_kernel(x_in.size(1), weight_in.size(0));
+  // The few-channel kernel reads exactly kFewChannels channels per filter tap.
+  const bool pad = x_in.size(1) < kFewChannels;
+  const at::Tensor x = pad ? pad_channels(x_in, kFewChannels) : x_in;
+  const at::Tensor weight = pad ? pad_channels(weight_in, kFewChannels) : weight_in;
+  CutlassConvArgs args = launch_geometry(x, weight, stride, padding, dilation);
   args.relu = relu;
 
   // The epilogue reads the bias as many floats at a time as it writes outputs
@@ -162,10 +178,7 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weigh
   args.bias = bias_f32.data_ptr<float>();
   args.residual = residual.has_value() ? residual->data_ptr() : nullptr;
   args.out = out.data_ptr();
-  const at::ScalarType dtype = x.scalar_type();
-  const std::string error = dtype == at::kHalf       ? launch_conv_cutlass_f16(args, kernel)
-                            : dtype == at::kBFloat16 ? launch_conv_cutlass_bf16(args, kernel)
-                                                     : launch_conv_cutlass_tf32(args, kernel);
+  const std::string error = launch(args, x.scalar_type(), kernel);
   TORCH_CHECK(error.empty(), "resnet_fast: the implicit-GEMM convolution failed: ", error);
   return out;
 #endif
@@ -189,6 +202,28 @@ std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const 
   return cutlass_kernel_name(choose_cutlass_kernel(x.size(1), weight.size(0)), x.size(1));
 }
 
+// How many main-loop steps (reduction slices) each block of the implicit
+// GEMM would run for this convolution, which it must take: for tests of the
+// launch (the few-channel kernel packs several filter taps into one step).
+// Takes tensors on any device and launches nothing.
+int64_t cutlass_reduction_steps(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const std::string algorithm = conv_algorithm(x, weight, std::nullopt, stride, padding, dilation, 1);
+  TORCH_CHECK(algorithm.rfind("cutlass", 0) == 0, "resnet_fast: the implicit GEMM does not run this convolution: ",
+              algorithm);
+#if defined(RESNET_FAST_WITH_CUTLASS)
+  CutlassConvArgs args = launch_geometry(x, weight, stride, padding, dilation);
+  args.C = std::max(args.C, static_cast<int>(kFewChannels));  // what a padded input would have
+  int steps = 0;
+  args.reduction_steps = &steps;
+  const std::string error = launch(args, x.scalar_type(), choose_cutlass_kernel(x.size(1), weight.size(0)));
+  TORCH_CHECK(error.empty(), "resnet_fast: the implicit GEMM cannot plan this convolution: ", error);
+  return steps;
+#else
+  return 0;  // unreachable: conv_algorithm names cuDNN without CUTLASS
+#endif
+}
+
 }  // namespace
 
 }  // namespace resnet_fast::gpu
@@ -198,4 +233,6 @@ TORCH_LIBRARY(resnet_fast_cuda, m) {
       "conv_algorithm(Tensor x, Tensor weight, Tensor? residual, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups) -> str",
       &resnet_fast::gpu::conv_algorithm);
+  m.def("cutlass_reduction_steps(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> int",
+        &resnet_fast::gpu::cutlass_reduction_steps);
 }

@@ -119,10 +119,31 @@ struct KernelShape {
   // within one tap's channels; kFixedChannels packs several taps into a
   // slice, reading exactly kFewChannels channels per tap. A 7x7 stem over 3
   // channels padded to 4 then keeps 2/3 of the tensor-core work useful
-  // (147 of 7 x 32 reduction steps) rather than 3/32.
+  // (147 of 7 x 32 reduction steps) rather than 3/32. The last slice's taps
+  // past the filter read real pixels against weights masked to zero, so an
+  // inf or NaN in x can also reach the outputs just beside those whose
+  // window holds it.
   static constexpr cutlass::conv::IteratorAlgorithm kIterator = kKernel == CutlassKernel::kFewChannels
                                                                     ? cutlass::conv::IteratorAlgorithm::kFixedChannels
                                                                     : cutlass::conv::IteratorAlgorithm::kOptimized;
+};
+
+// CUTLASS's fused-epilogue convolution kernel counts its reduction steps as
+// if every slice stayed within one filter tap (R * S * ceil(C / depth)). A
+// kFixedChannels slice spans several taps, so for the stem that count is 8
+// times too many (for 16-bit inputs): the extra steps multiply by weights
+// masked to zero, so the result is right but the work is not. This is
+// CUTLASS's kernel with the count its iterator algorithm implies.
+template <typename Base>
+struct CountedConvKernel : Base {
+  struct Params : Base::Params {
+    Params() = default;
+    CUTLASS_HOST_DEVICE Params(typename Base::Arguments const& args, int* semaphore = nullptr)
+        : Base::Params(args, semaphore) {
+      this->gemm_k_iterations = cutlass::conv::implicit_gemm_k_iterations(
+          Base::kConvolutionalOperator, Base::ThreadblockShape::kK, args.problem_size, Base::kIteratorAlgorithm);
+    }
+  };
 };
 
 // ElementIn is the type of x and the weight (half_t, bfloat16_t, or float,
@@ -134,7 +155,7 @@ struct CutlassConv {
   // Elements per load of x and the weight: 16 bytes, or one tap's channels.
   static constexpr int kInputAccess =
       kKernel == CutlassKernel::kFewChannels ? static_cast<int>(kFewChannels) : kAccess<ElementIn>;
-  using Kernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
+  using BaseKernel = typename cutlass::conv::kernel::DefaultConv2dFpropWithBroadcast<
       ElementIn, cutlass::layout::TensorNHWC,        // x
       ElementIn, cutlass::layout::TensorNHWC,        // weight, [K, R, S, C]
       ElementOut, cutlass::layout::TensorNHWC,       // out and residual
@@ -147,12 +168,14 @@ struct CutlassConv {
       cutlass::gemm::threadblock::GemmIdentityThreadblockSwizzle<4>,
       /*Stages=*/4, cutlass::arch::OpMultiplyAdd, KernelShape<kKernel>::kIterator,
       cutlass::conv::StrideSupport::kStrided, kInputAccess, kInputAccess>::Kernel;
+  using Kernel = CountedConvKernel<BaseKernel>;
   using Device = cutlass::conv::device::ImplicitGemmConvolution<Kernel>;
 };
 
 template <typename ElementIn, typename ElementOut, CutlassKernel kKernel>
 std::string run_cutlass_kernel(const CutlassConvArgs& a) {
   using Conv = typename CutlassConv<ElementIn, ElementOut, kKernel>::Device;
+  using Kernel = typename CutlassConv<ElementIn, ElementOut, kKernel>::Kernel;
   using Layout = cutlass::layout::TensorNHWC;
 
   const cutlass::conv::Conv2dProblemSize problem(
@@ -182,6 +205,10 @@ std::string run_cutlass_kernel(const CutlassConvArgs& a) {
   Conv conv;
   cutlass::Status status = conv.can_implement(arguments);
   if (status != cutlass::Status::kSuccess) return cutlassGetStatusString(status);
+  if (a.reduction_steps != nullptr) {  // a question about the launch, not a launch
+    *a.reduction_steps = typename Kernel::Params(arguments).gemm_k_iterations;
+    return {};
+  }
   // Serial split-K of 1 slice needs no workspace.
   if (Conv::get_workspace_size(arguments) != 0) return "the convolution asked for a split-K workspace";
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

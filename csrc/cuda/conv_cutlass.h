@@ -50,6 +50,9 @@ struct CutlassConvArgs {
   int N = 0, H = 0, W = 0, C = 0, K = 0, R = 0, S = 0, P = 0, Q = 0;
   int pad_h = 0, pad_w = 0, stride_h = 1, stride_w = 1, dilation_h = 1, dilation_w = 1;
   bool relu = false;
+  // When set, the launch functions store here how many main-loop steps
+  // (reduction slices) each block would run, and launch nothing.
+  int* reduction_steps = nullptr;
 };
 
 // The implicit-GEMM kernels, one of each per dtype. A block of 4 warps
