@@ -104,6 +104,12 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
         expected = tv(inputs[0]).float()
         errors = {name: _rel_err(fn(0).float(), expected) for name, fn in contenders.items()}
     timings = compare(contenders, list(range(len(inputs))), repeats=repeats, device=device)
+    if tune:
+        # The plan was installed for this process only: forget it, so that
+        # later backend=None models follow their saved plans (or none).
+        from resnet_fast.tuning import clear_loaded_plans
+
+        clear_loaded_plans()
     base = timings[BASELINE]["median_s"]
     return [
         {

@@ -18,6 +18,10 @@ def test_benchmark_entry_point_writes_results(tmp_path, capsys):
     # The tuned model's row says which backends its plan chose, for every distinct layer.
     (tuned,) = [r for r in data["results"] if r["contender"] == "resnet_fast (tuned plan)" and r["batch"] == 1]
     assert re.fullmatch(r"(native|reference) \d+(, (native|reference) \d+)?", tuned["plan"])
+    # The unsaved plan does not outlive the benchmark.
+    from resnet_fast import tuning
+
+    assert not tuning._plans
     assert {r["batch"] for r in data["results"] if r["benchmark"] == "eval_forward"} == {1, 2}
     train = [r for r in data["results"] if r["benchmark"] == "train_step"]
     assert {r["contender"] for r in train} >= {"resnet_fast (native)", "torchvision eager, channels_last"}

@@ -119,7 +119,7 @@ struct KernelShape {
   // within one tap's channels; kFixedChannels packs several taps into a
   // slice, reading exactly kFewChannels channels per tap. A 7x7 stem over 3
   // channels padded to 4 then keeps 2/3 of the tensor-core work useful
-  // (147 of 7 x 32 reduction steps) rather than 3/32. The last slice's taps
+  // (147 of the 7 x 32 reduction values) rather than 3/32. The last slice's taps
   // past the filter read real pixels against weights masked to zero, so an
   // inf or NaN in x can also reach the outputs just beside those whose
   // window holds it.
@@ -130,10 +130,10 @@ struct KernelShape {
 
 // CUTLASS's fused-epilogue convolution kernel counts its reduction steps as
 // if every slice stayed within one filter tap (R * S * ceil(C / depth)). A
-// kFixedChannels slice spans several taps, so for the stem that count is 8
-// times too many (for 16-bit inputs): the extra steps multiply by weights
-// masked to zero, so the result is right but the work is not. This is
-// CUTLASS's kernel with the count its iterator algorithm implies.
+// kFixedChannels slice spans several taps, so for the 16-bit 7x7 stem that
+// count is 49 rather than 7: the extra steps multiply by weights masked to
+// zero, so the result is right but the work is not. This is CUTLASS's kernel
+// with the count its iterator algorithm implies.
 template <typename Base>
 struct CountedConvKernel : Base {
   struct Params : Base::Params {

@@ -70,7 +70,7 @@ constexpr int64_t kFewChannels = 4;
 // The kernel for C input and K output channels, where the implicit GEMM can
 // run the convolution (cutlass_unsupported_reason).
 CutlassKernel choose_cutlass_kernel(int64_t C, int64_t K);
-// "cutlass wide (128x128 tiles)" and so on, as ops.cuda_conv_algorithm says.
+// "cutlass (128x128 tiles)" and so on, as ops.cuda_conv_algorithm says.
 std::string cutlass_kernel_name(CutlassKernel kernel, int64_t C);
 
 // Run out = act(conv(x, weight) + bias + residual) with one kernel on the
