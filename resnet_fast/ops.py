@@ -97,12 +97,13 @@ def cuda_conv_algorithm(
     groups: int = 1,
 ) -> str:
     """Which convolution conv_bias_act(backend="native") runs for these
-    arguments on CUDA tensors: the implicit GEMM, named with its kernel
-    ("cutlass (128x128 tiles)", "cutlass (128x64 tiles)", or for inputs of
-    at most 4 channels "cutlass (128x64 tiles, 3 input channels zero-padded
-    to 4)"), or "cudnn: " and why, under the current RESNET_FAST_CUDA_CONV. Only dtypes, sizes and
-    addresses are read, so the tensors may be on any device; needs the
-    extension built with its CUDA kernels."""
+    arguments on CUDA tensors, under the current RESNET_FAST_CUDA_CONV: the
+    implicit GEMM, named with its kernel ("cutlass (128x128 tiles)",
+    "cutlass (128x64 tiles)", or for inputs of at most 4 channels
+    "cutlass (128x64 tiles, 3 input channels zero-padded to 4)"), or
+    "cudnn: " and why. Only dtypes, sizes and addresses are read, so the
+    tensors may be on any device; needs the extension built with its CUDA
+    kernels."""
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     dilation = effective_dilation(weight.shape, dilation)
     x, stride, padding = crop_for_unit_outputs(x, weight.shape, stride, padding, dilation)
