@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
 
 
@@ -147,7 +148,16 @@ def _extension():
     )
 
 
+def _license_metadata():
+    """BSD-3-Clause as an SPDX expression where setuptools knows them (77 and
+    newer, which deprecate the free-text field), as free text before that."""
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": "BSD-3-Clause"}
+    return {"license": "BSD-3-Clause"}
+
+
 setup(
+    **_license_metadata(),
     packages=find_packages(include=["resnet_fast", "resnet_fast.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension},

@@ -39,12 +39,21 @@ _NATIVE_HAS_CUDA = _EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_fo
 
 
 def _load_triton():
-    """(available, detail) of the Triton kernels; registers their ops when available."""
+    """(available, detail) of the Triton kernels; registers their ops when available.
+
+    A failure to define or register them (a triton or torch release that
+    disagrees with them) makes the backend unavailable, with the error as the
+    reason: it must not take `import resnet_fast` or the other backends down.
+    """
     from .kernels.triton import triton_available
 
     available, detail = triton_available()
     if available:
-        from .kernels.triton import ops  # noqa: F401  (registers torch.ops.resnet_fast_triton)
+        try:
+            from .kernels.triton import ops  # noqa: F401  (registers torch.ops.resnet_fast_triton)
+        except Exception as exc:
+            return False, (f"the Triton kernels did not load ({type(exc).__name__}: {exc}); "
+                           f"{detail}, torch {torch.__version__}")
     return available, detail
 
 

@@ -1,13 +1,16 @@
 """Shared test helpers: the tolerance table, backends to test, and checks."""
 import os
 
+import torch
+
 # Without a GPU the Triton kernels run in Triton's interpreter; it must be on
-# before anything imports triton (torchvision does).
-if not os.path.exists("/dev/nvidiactl"):
+# before anything defines them or imports triton (torchvision does). Whether
+# torch sees a GPU decides, not a device file: a driver without a usable GPU
+# (or CUDA_VISIBLE_DEVICES="") means the interpreter too.
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 import resnet_fast  # noqa: E402

@@ -55,9 +55,11 @@ print(json.dumps({
 """
 
 
-def run_child(blocked, **env):
+def run_child(blocked, prelude="", **env):
+    """CHILD in a fresh interpreter, after `prelude` (code that breaks
+    something on purpose)."""
     environment = dict(os.environ, PYTHONPATH=ROOT, **env)
-    code = f"BLOCKED = {tuple(blocked)!r}\n" + textwrap.dedent(CHILD)
+    code = f"BLOCKED = {tuple(blocked)!r}\n" + textwrap.dedent(prelude) + textwrap.dedent(CHILD)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -85,6 +87,32 @@ def test_without_triton():
     assert report["warnings"] == []  # the default (native) needs no triton
     assert report["max_err"] < 1e-5 and report["logits_finite"]
     assert "backend 'triton' is not available on cpu: triton does not import" in report["explicit"]["triton"]
+
+
+# What torch 2.11's triton_op did with the launchers before they were annotated.
+BROKEN_REGISTRATION = """
+import torch.library
+
+def refuse(*args, **kwargs):
+    raise ValueError("Parameter x must have a type annotation")
+
+torch.library.custom_op = torch.library.triton_op = refuse
+"""
+
+
+def test_triton_kernels_that_fail_to_register():
+    """An error while the Triton ops are defined makes that backend
+    unavailable, with the error as the reason; import and the native
+    backend carry on."""
+    report = run_child([], prelude=BROKEN_REGISTRATION, TRITON_INTERPRET="1")
+    available, detail = report["status"]["triton"]
+    if "does not import" in detail:
+        pytest.skip("triton is not installed")
+    assert not available
+    assert "the Triton kernels did not load (ValueError: Parameter x must have a type annotation)" in detail
+    assert report["status"]["native"][0] and report["explicit"]["native"] == "ran"
+    assert report["warnings"] == [] and report["max_err"] < 1e-5 and report["logits_finite"]
+    assert "backend 'triton' is not available on cpu: the Triton kernels did not load" in report["explicit"]["triton"]
 
 
 def test_without_extension_or_triton():

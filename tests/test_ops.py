@@ -25,6 +25,8 @@ CONV_CASES = {
     "grouped": (2, 16, 7, 9, 16, 3, 1, 1, 1, 4),
     "grouped_s2": (1, 12, 11, 11, 24, 3, 2, 1, 1, 3),
     "dilated": (2, 8, 12, 10, 8, 3, 1, 2, 2, 1),
+    # layer4 of a ResNet on a 32x32 image: a single output pixel (+ residual)
+    "3x3_single_pixel": (2, 8, 1, 1, 12, 3, 1, 1, 1, 1),
 }
 
 

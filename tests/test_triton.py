@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 else:  # one conv config instead of compiling and timing all of them per test shape
     os.environ.setdefault("RESNET_FAST_TRITON_AUTOTUNE", "0")
 
+import re  # noqa: E402
 import sys  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
@@ -369,6 +370,33 @@ def test_opcheck():
                                                                      1e-5, True)
     torch.library.opcheck(torch.ops.resnet_fast_triton.bn_act_backward.default,
                           (randn(*bx.shape), bx.detach(), out, bw.detach(), mean, invstd, True))
+
+
+def _contract(schema) -> tuple:
+    """An op schema as the contract fixes it: argument names and types, the
+    count and types of the results. What differs only in spelling is
+    dropped: the namespace, SymInt (schema inference's int), list sizes and
+    result names (C++ schemas name them, inferred ones cannot)."""
+    def kind(t) -> str:
+        return re.sub(r"\[\d+\]", "[]", str(t).replace("SymInt", "int"))
+
+    return ([(a.name, kind(a.type)) for a in schema.arguments], [kind(r.type) for r in schema.returns])
+
+
+@pytest.mark.parametrize("name", list(ops.LAUNCHERS) if AVAILABLE else [])
+def test_launcher_schema_is_the_native_contract(name):
+    """The Triton ops' schemas are inferred from the launchers' annotations on
+    every torch release (triton_op ignores schema= on some), so each
+    launcher must infer, and infer the compiled extension's contract."""
+    inferred = torch.library.infer_schema(ops.LAUNCHERS[name], mutates_args=())
+    parsed = torch._C.parse_schema(f"{ops.NAMESPACE}::{name}{inferred}")
+    registered = getattr(torch.ops.resnet_fast_triton, name).default._schema
+    assert _contract(parsed) == _contract(registered)
+    import resnet_fast.backends
+
+    if not resnet_fast.backends.native_loaded():
+        pytest.skip("the compiled extension, whose schema is the contract, is not built")
+    assert _contract(parsed) == _contract(getattr(torch.ops.resnet_fast, name).default._schema)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces into triton_op kernels on the GPU only")

@@ -66,12 +66,19 @@ at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const
                 x_in.scalar_type());
   if (onednn_fuses(x_in)) {
     const at::Tensor w = weight.is_mkldnn() ? weight : weight.contiguous(at::MemoryFormat::ChannelsLast);
-    const bool fuse_relu = relu && finite_operands(x_in, weight, bias, residual);
+    // Some oneDNN builds (torch 2.11's) cannot create the fused residual add
+    // for a single-pixel output ("could not create a memory"); there the
+    // residual is added after the convolution, which costs nothing at that size.
+    const bool fuse_residual = residual.has_value() && residual->size(2) * residual->size(3) > 1;
+    const bool fuse_relu =
+        relu && (fuse_residual || !residual.has_value()) && finite_operands(x_in, weight, bias, residual);
     // oneDNN picks its output layout from the input's strides, which are
     // ambiguous for some shapes (C == 1, H == W == 1): the contract is NHWC.
-    at::Tensor out = onednn_conv(as_nhwc(x_in), w, bias.to(x_in.scalar_type()), residual, stride, padding,
+    at::Tensor out = onednn_conv(as_nhwc(x_in), w, bias.to(x_in.scalar_type()),
+                                 fuse_residual ? residual : std::nullopt, stride, padding,
                                  effective_dilation(weight, dilation), groups, fuse_relu)
                          .contiguous(at::MemoryFormat::ChannelsLast);
+    if (residual.has_value() && !fuse_residual) out.add_(*residual);
     if (relu && !fuse_relu) out.relu_();
     return out;
   }

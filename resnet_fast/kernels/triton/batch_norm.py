@@ -18,12 +18,11 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .checks import check_activation, check_bn_train_args, check_channel_vector, check_like
 from .epilogue import check_grad_pair, relu_grad_partial_sums_kernel
 from .reduction import nhwc_tile, plan_rows, sum_rows
-from .runtime import device_guard, launchable
+from .runtime import device_guard, launchable, traceable
 
 
 @triton.jit
@@ -205,16 +204,16 @@ def bn_act_train(
     if not launchable(x):  # computing metadata only (fake kernel under the interpreter)
         return out, mean, invstd, var
     with device_guard(x):
-        wrap_triton(_partial_stats_kernel)[(tiling.num_chunks, channel_tiles)](
+        traceable(_partial_stats_kernel)[(tiling.num_chunks, channel_tiles)](
             x, part_mean, part_m2, rows, channels, tiling.rows_per_chunk,
             BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c, num_warps=tiling.num_warps,
         )
-        wrap_triton(_finalize_stats_kernel)[(channel_tiles,)](
+        traceable(_finalize_stats_kernel)[(channel_tiles,)](
             part_mean, part_m2, weight, bias, mean, invstd, var, scale, shift,
             rows, channels, tiling.rows_per_chunk, tiling.num_chunks, eps,
             BLOCK_CHUNKS=tiling.block_chunks, BLOCK_C=tiling.block_c,
         )
-        wrap_triton(_apply_kernel)[(triton.cdiv(rows, tiling.block_m), channel_tiles)](
+        traceable(_apply_kernel)[(triton.cdiv(rows, tiling.block_m), channel_tiles)](
             x, res, out, scale, shift, rows, channels,
             HAS_RESIDUAL=residual is not None, RELU=relu,
             BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c, num_warps=tiling.num_warps,
@@ -258,18 +257,18 @@ def bn_act_backward(
     if not launchable(x):  # computing metadata only (fake kernel under the interpreter)
         return grad_x, grad_weight, grad_bias, grad_z
     with device_guard(x):
-        wrap_triton(relu_grad_partial_sums_kernel)[(tiling.num_chunks, channel_tiles)](
+        traceable(relu_grad_partial_sums_kernel)[(tiling.num_chunks, channel_tiles)](
             grad_out, out, x, save_mean, grad_z if relu else grad_out, part_dz, part_dzx,
             rows, channels, tiling.rows_per_chunk,
             RELU=relu, WITH_X=True, BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c,
             num_warps=tiling.num_warps,
         )
-        wrap_triton(_finalize_grads_kernel)[(channel_tiles,)](
+        traceable(_finalize_grads_kernel)[(channel_tiles,)](
             part_dz, part_dzx, weight, save_invstd, grad_weight, grad_bias,
             coef_scale, coef_mean_dz, coef_mean_dzxhat, rows, channels, tiling.num_chunks,
             BLOCK_CHUNKS=tiling.block_chunks, BLOCK_C=tiling.block_c,
         )
-        wrap_triton(_grad_input_kernel)[(triton.cdiv(rows, tiling.block_m), channel_tiles)](
+        traceable(_grad_input_kernel)[(triton.cdiv(rows, tiling.block_m), channel_tiles)](
             grad_z if relu else grad_out, x, grad_x, save_mean, save_invstd,
             coef_scale, coef_mean_dz, coef_mean_dzxhat, rows, channels,
             BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c, num_warps=tiling.num_warps,

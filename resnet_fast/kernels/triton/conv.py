@@ -22,10 +22,9 @@ from typing import Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .checks import PREFIX, check_conv_args
-from .runtime import INTERPRET, autotune_enabled, device_guard, dot_precision, launchable
+from .runtime import INTERPRET, autotune_enabled, device_guard, dot_precision, launchable, traceable
 
 # Below this many input channels per group the flat reduction wastes less.
 FLAT_REDUCTION_MAX_CHANNELS = 16
@@ -37,20 +36,26 @@ def _config(block_m, block_n, block_k, num_stages, num_warps, group_m=8):
 
 
 # One config for the interpreter (it cannot benchmark; small blocks make the
-# tests cross tile and channel-block boundaries), one for GPU runs with
-# autotuning switched off (runtime.autotune_enabled).
+# tests cross tile and channel-block boundaries), and one per reduction walk
+# for GPU runs with autotuning switched off (runtime.autotune_enabled). The
+# flat walk's per-element index arithmetic needs more registers: at 128 rows
+# per 4 warps it spills under triton 3.6 (resnet_fast/kernels/triton/KERNELS.md),
+# at 64 it does not.
 _INTERPRETER_CONFIG = dict(block_m=32, block_n=32, block_k=16, num_stages=1, num_warps=4, group_m=2)
-_DEFAULT_GPU_CONFIG = dict(block_m=128, block_n=64, block_k=32, num_stages=4, num_warps=4)
+DEFAULT_GPU_CONFIGS = {
+    "channel_blocks": dict(block_m=128, block_n=64, block_k=32, num_stages=4, num_warps=4),
+    "flat": dict(block_m=64, block_n=64, block_k=32, num_stages=4, num_warps=4),
+}
 # Tutorial/Inductor-style GEMM tiles for sm80/sm90, plus narrow-N tiles for
 # ResNeXt groups (K/groups is 4..32 there) and the 64-channel layers.
 _GPU_CONFIGS = [
     _config(128, 128, 32, 4, 8),
     _config(128, 128, 64, 3, 8),
     _config(256, 64, 32, 3, 8),
-    _config(**_DEFAULT_GPU_CONFIG),
+    _config(**DEFAULT_GPU_CONFIGS["channel_blocks"]),
     _config(128, 64, 64, 3, 4),
     _config(64, 128, 32, 4, 4),
-    _config(64, 64, 32, 4, 4),
+    _config(**DEFAULT_GPU_CONFIGS["flat"]),
     _config(64, 64, 64, 3, 4),
     _config(128, 32, 32, 4, 4),
     _config(64, 32, 32, 5, 2),
@@ -146,13 +151,16 @@ def _conv_bias_act_kernel(
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-# Two launchable variants of the one kernel: autotuned, and a fixed config.
+# Launchable variants of the one kernel: autotuned, and a fixed config per walk.
 _conv_tuned = triton.autotune(
     configs=[_config(**_INTERPRETER_CONFIG)] if INTERPRET else _GPU_CONFIGS, key=_TUNING_KEY
 )(_conv_bias_act_kernel)
-_conv_fixed = triton.autotune(
-    configs=[_config(**(_INTERPRETER_CONFIG if INTERPRET else _DEFAULT_GPU_CONFIG))], key=_TUNING_KEY
-)(_conv_bias_act_kernel)
+_conv_fixed = {
+    flat: triton.autotune(
+        configs=[_config(**(_INTERPRETER_CONFIG if INTERPRET else DEFAULT_GPU_CONFIGS[walk]))], key=_TUNING_KEY
+    )(_conv_bias_act_kernel)
+    for flat, walk in ((True, "flat"), (False, "channel_blocks"))
+}
 
 
 def _check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups):
@@ -206,9 +214,9 @@ def conv_bias_act(
 
     if not launchable(out):  # computing metadata only (fake kernel under the interpreter)
         return out
-    kernel = _conv_tuned if autotune_enabled() else _conv_fixed
+    kernel = _conv_tuned if autotune_enabled() else _conv_fixed[flat]
     with device_guard(out):
-        wrap_triton(kernel)[grid](
+        traceable(kernel)[grid](
             x, w_gemm, bias, res, out,
             m, height, width, channels, out_h, out_w, out_channels,
             group_channels, group_out_channels,

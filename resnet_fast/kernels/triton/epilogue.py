@@ -12,11 +12,10 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .checks import check_activation, check_like
 from .reduction import plan_rows, sum_rows
-from .runtime import device_guard, launchable
+from .runtime import device_guard, launchable, traceable
 
 
 @triton.jit
@@ -105,13 +104,13 @@ def bias_act_backward(grad_out: torch.Tensor, out: torch.Tensor, relu: bool) -> 
         return grad_z, grad_bias
     with device_guard(grad_out):
         # Unused pointer arguments get grad_out as a stand-in; the kernel never touches them.
-        wrap_triton(relu_grad_partial_sums_kernel)[(tiling.num_chunks, channel_tiles)](
+        traceable(relu_grad_partial_sums_kernel)[(tiling.num_chunks, channel_tiles)](
             grad_out, out, grad_out, grad_out, grad_z if relu else grad_out, part_dz, grad_out,
             rows, channels, tiling.rows_per_chunk,
             RELU=relu, WITH_X=False, BLOCK_M=tiling.block_m, BLOCK_C=tiling.block_c,
             num_warps=tiling.num_warps,
         )
-        wrap_triton(_sum_chunks_kernel)[(channel_tiles,)](
+        traceable(_sum_chunks_kernel)[(channel_tiles,)](
             part_dz, grad_bias, tiling.num_chunks, channels,
             BLOCK_CHUNKS=tiling.block_chunks, BLOCK_C=tiling.block_c,
         )

@@ -1,5 +1,5 @@
 """The Triton kernels as PyTorch operators, namespace resnet_fast_triton, with
-the schemas of csrc/ops.cpp and the shared autograd formulas
+the arguments of csrc/ops.cpp's schemas and the shared autograd formulas
 (resnet_fast.autograd_formulas) for the two forward ops.
 
 Importing this module registers the operators. On a GPU each one is a
@@ -8,7 +8,14 @@ torch.compile traces into the kernels. Under TRITON_INTERPRET=1 the kernels
 are Python functions that must see real data, which tracing cannot give
 them; there each op is an opaque torch.library.custom_op whose fake kernel
 is the same launcher with its launches skipped (runtime.launchable).
+
+Either way the schema is inferred from the launcher's type annotations:
+triton_op ignores an explicit schema= on some torch releases (2.11), so the
+annotations are what every release reads. tests/test_triton.py holds the
+inferred schemas to the compiled extension's.
 """
+from typing import List, Optional
+
 import torch
 from torch.library import custom_op, triton_op
 
@@ -21,36 +28,42 @@ from ... import autograd_formulas
 
 NAMESPACE = "resnet_fast_triton"
 
-SCHEMAS = {
-    "conv_bias_act": "(Tensor x, Tensor weight, Tensor bias, Tensor? residual, int[2] stride, int[2] padding, "
-    "int[2] dilation, int groups, bool relu) -> Tensor",
-    "bias_act_backward": "(Tensor grad_out, Tensor out, bool relu) -> (Tensor grad_z, Tensor grad_bias)",
-    "bn_act_train": "(Tensor x, Tensor weight, Tensor bias, Tensor? residual, float eps, bool relu) "
-    "-> (Tensor out, Tensor save_mean, Tensor save_invstd, Tensor batch_var)",
-    "bn_act_backward": "(Tensor grad_out, Tensor x, Tensor out, Tensor weight, Tensor save_mean, "
-    "Tensor save_invstd, bool relu) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_z)",
-}
-
 
 def _define(name: str, launcher):
     qualname = f"{NAMESPACE}::{name}"
     if INTERPRET:
-        op = custom_op(qualname, launcher, mutates_args=(), schema=SCHEMAS[name])
+        op = custom_op(qualname, launcher, mutates_args=())
         op.register_fake(launcher)
         return op
-    return triton_op(qualname, launcher, mutates_args=(), schema=SCHEMAS[name])
+    return triton_op(qualname, launcher, mutates_args=())
 
 
-# The launchers are plain functions of the schema's arguments (conv's extra
-# `reduction` keyword keeps its default), so each is the op's implementation.
-def _conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu):
+# The launchers are plain, annotated functions of the schema's arguments, so
+# each is the op's implementation; conv's keeps its extra `reduction` keyword
+# out of the schema through this wrapper.
+def _conv_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    relu: bool,
+) -> torch.Tensor:
     return launch_conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
 
-conv_bias_act = _define("conv_bias_act", _conv_bias_act)
-bias_act_backward = _define("bias_act_backward", launch_bias_act_backward)
-bn_act_train = _define("bn_act_train", launch_bn_act_train)
-bn_act_backward = _define("bn_act_backward", launch_bn_act_backward)
+LAUNCHERS = {
+    "conv_bias_act": _conv_bias_act,
+    "bias_act_backward": launch_bias_act_backward,
+    "bn_act_train": launch_bn_act_train,
+    "bn_act_backward": launch_bn_act_backward,
+}
+conv_bias_act, bias_act_backward, bn_act_train, bn_act_backward = (
+    _define(name, launcher) for name, launcher in LAUNCHERS.items()
+)
 
 
 # Autograd: the formulas every backend shares, through this namespace's kernels.

@@ -6,6 +6,7 @@ import os
 
 import torch
 import triton
+from torch.library import wrap_triton
 
 # Decided once, as triton.jit decides it: under TRITON_INTERPRET=1 every
 # @triton.jit kernel becomes an InterpretedFunction that runs on CPU tensors.
@@ -40,6 +41,17 @@ def launchable(t: torch.Tensor) -> bool:
     if not INTERPRET:
         return True
     return t.device.type != "meta" and not isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def traceable(kernel):
+    """The kernel, for launching as traceable(kernel)[grid](...).
+
+    On a GPU through wrap_triton, so that torch.compile and triton_op's
+    decomposition see the launch. Under the interpreter as it is: there the
+    ops are opaque custom ops that nothing traces into, and the wrap_triton
+    of older torch releases (2.11's, for one) refuses interpreted kernels.
+    """
+    return kernel if INTERPRET else wrap_triton(kernel)
 
 
 def next_power_of_2(n: int) -> int:
