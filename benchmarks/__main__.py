@@ -40,6 +40,8 @@ def parse_args(argv=None):
                              "measures in the same run (not saved)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per contender (after 2 warm-up runs)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG chart (`python -m benchmarks.plot "
+                        "RESULTS.json` draws it later)")
     args = parser.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be at least 1")
@@ -79,14 +81,17 @@ def main(argv=None) -> int:
     print(f"  ceiling: {env['ceiling']['matmul_tflops']:.1f} TFLOP/s {env['ceiling']['matmul_dtype']} matmul, "
           f"{env['ceiling']['copy_gb_per_s']:.0f} GB/s copy", flush=True)
 
-    # Results are saved after every section (same files, rewritten), so a run
-    # cut short by a time limit keeps what it measured; the per-layer table,
-    # what the kernels are judged on, comes first.
+    # Results are saved after every layer and section (same files, rewritten),
+    # so a run cut short by a time limit keeps what it measured; the per-layer
+    # table, what the kernels are judged on, comes first.
     rows = []
+    plot = not args.no_plot
     if args.layers:
         print(f"  per conv layer: {args.layers}", flush=True)
-        rows += conv_layers.run(args.layers, batch, args.size, dtype, device, args.repeats)
-        save(args.out, env, rows)
+        for layer_rows in conv_layers.run(args.layers, batch, args.size, dtype, device, args.repeats):
+            rows += layer_rows
+            print(f"    {layer_rows[0]['layer']}: {layer_rows[0]['shape']}", flush=True)
+            save(args.out, env, rows, plot)
     for arch in filter(None, models.split(",")):
         flops = end_to_end.flops_per_image(arch, args.size)
         for b in batches:
@@ -94,17 +99,17 @@ def main(argv=None) -> int:
             rows += end_to_end.run(arch, b, args.size, dtype, device, not args.no_compile, args.repeats,
                                    flops, env["ceiling"], max_autotune=args.max_autotune and not args.no_compile,
                                    tune=args.tune)
-            save(args.out, env, rows)
+            save(args.out, env, rows, plot)
         if train_batch:
             print(f"  train step: {arch}, batch {train_batch}, {train_size}x{train_size}", flush=True)
             rows += train_step.run(arch, train_batch, train_size, dtype, device, args.repeats,
                                    end_to_end.flops_per_image(arch, train_size), env["ceiling"])
-            save(args.out, env, rows)
+            save(args.out, env, rows, plot)
 
-    stem = save(args.out, env, rows)
+    stem = save(args.out, env, rows, plot)
     print()
     print(markdown(env, rows))
-    print(f"\nresults: {stem}.json, {stem}.md, {stem}.png")
+    print(f"\nresults: {stem}.json, {stem}.md" + ("" if args.no_plot else f", {stem}.png"))
     return 0
 
 

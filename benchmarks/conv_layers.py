@@ -15,7 +15,7 @@ On the CPU these are the candidate implementations of conv_bias_act; the
 kernel uses whichever this measures fastest.
 """
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from .timing import compare
 
 def conv_shapes(arch: str, batch: int, size: int) -> List[Dict]:
     """Distinct (conv, residual, relu) layers of torchvision's `arch` with
-    their input shapes, found by running it once."""
+    their input shapes at `batch`, found by running it once on one image."""
     model = getattr(torchvision.models, arch)().eval()
     seen, layers = set(), []
 
@@ -37,7 +37,7 @@ def conv_shapes(arch: str, batch: int, size: int) -> List[Dict]:
         def record(module, args, _out):
             residual = name.endswith(".conv3") or (name.endswith(".conv2") and "Basic" in type_of[name])
             relu = not name.endswith("downsample.0")
-            key = (tuple(args[0].shape), module.out_channels, module.kernel_size[0], module.stride[0],
+            key = ((batch,) + tuple(args[0].shape[1:]), module.out_channels, module.kernel_size[0], module.stride[0],
                    module.padding[0], module.dilation[0], module.groups, residual, relu)
             if key not in seen:
                 seen.add(key)
@@ -53,7 +53,7 @@ def conv_shapes(arch: str, batch: int, size: int) -> List[Dict]:
             type_of[name] = type(model.get_submodule(block)).__name__ if "." in name else "stem"
             module.register_forward_hook(hook(name))
     with torch.no_grad():
-        model(torch.randn(batch, 3, size, size))
+        model(torch.randn(1, 3, size, size))
     return layers
 
 
@@ -131,10 +131,12 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
     return contenders, x, flops, cuda_conv
 
 
-def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.device, repeats: int) -> List[Dict]:
+def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.device,
+        repeats: int) -> Iterator[List[Dict]]:
+    """The rows of each layer in turn, as soon as it is measured."""
     torch.manual_seed(0)
-    rows = []
     for layer in conv_shapes(arch, batch, size):
+        rows = []
         contenders, x, flops, cuda_conv = _layer_contenders(layer, device, dtype)
         timings = compare(contenders, [x], repeats=repeats, device=device)
         base = timings["eager"]["median_s"]
@@ -156,4 +158,4 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
                 # What "ours (native)" ran on CUDA: which implicit-GEMM kernel, or cuDNN and why.
                 **({"cuda_conv": cuda_conv} if cuda_conv is not None and name == "ours (native)" else {}),
             })
-    return rows
+        yield rows

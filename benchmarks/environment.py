@@ -24,7 +24,11 @@ def describe(device: torch.device) -> dict:
     try:
         import triton
 
+        from resnet_fast.kernels.triton.runtime import autotune_enabled
+
         info["triton"] = triton.__version__
+        # Off: the Triton conv ran its default config per reduction walk, untuned.
+        info["triton_autotune"] = autotune_enabled()
     except ImportError:
         info["triton"] = None
     return info

@@ -56,3 +56,25 @@ def save_png(env: Dict, rows: List[Dict], path: str) -> None:
         draw.line([one, y - len(bars) * (BAR_H + GAP) - 2, one, y], fill=(200, 0, 0), width=1)
         y += 14
     img.save(path)
+
+
+def main(argv=None) -> int:
+    """python -m benchmarks.plot RESULTS.json: the chart of a saved run, next to it."""
+    import json
+    import sys
+
+    paths = sys.argv[1:] if argv is None else argv
+    if not paths:
+        print("usage: python -m benchmarks.plot RESULTS.json [...]", file=sys.stderr)
+        return 2
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        out = path[:-len(".json")] + ".png" if path.endswith(".json") else path + ".png"
+        save_png(data["environment"], data["results"], out)
+        print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,7 +23,8 @@ def markdown(env: Dict, rows: List[Dict]) -> str:
         f"# resnet_fast benchmark: {env['card']} ({env['device']})",
         "",
         f"{env['date']} · torch {env['torch']} · triton {env.get('triton')} · {env['threads']} threads"
-        + (f" · CUDA {env['cuda']} · driver {env['driver']}" if env["device"] == "cuda" else ""),
+        + (f" · CUDA {env['cuda']} · driver {env['driver']}" if env["device"] == "cuda" else "")
+        + ("" if env.get("triton_autotune", True) else " · Triton conv untuned (default configs)"),
         "",
     ]
     if "ceiling" in env:
@@ -97,8 +98,9 @@ def markdown(env: Dict, rows: List[Dict]) -> str:
     return "\n".join(parts)
 
 
-def save(out_dir: str, env: Dict, rows: List[Dict]) -> str:
-    """Write <out_dir>/<device>-<card>-<date>.{json,md,png}; returns the stem."""
+def save(out_dir: str, env: Dict, rows: List[Dict], plot: bool = True) -> str:
+    """Write <out_dir>/<device>-<card>-<date>.{json,md,png} (the chart only
+    with `plot`); returns the stem."""
     from .plot import save_png
 
     os.makedirs(out_dir, exist_ok=True)
@@ -108,6 +110,6 @@ def save(out_dir: str, env: Dict, rows: List[Dict]) -> str:
         json.dump({"environment": env, "results": rows}, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(markdown(env, rows))
-    if rows:
+    if rows and plot:
         save_png(env, rows, stem + ".png")
     return stem

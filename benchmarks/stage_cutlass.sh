@@ -9,7 +9,7 @@ src="$(python - <<'PY'
 import importlib.util, os
 spec = importlib.util.find_spec("cutlass_library")
 if spec is None:
-    raise SystemExit("nvidia-cutlass is not installed: pip install -r requirements/build.txt")
+    raise SystemExit("nvidia-cutlass is not installed: pip install --no-deps -r requirements/cutlass.txt")
 print(os.path.join(spec.submodule_search_locations[0], "source", "include"))
 PY
 )"

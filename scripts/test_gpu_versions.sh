@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The test suite once more, on this machine's CPU, against the lent GPU
 # machine's versions (requirements/gpu-machine.txt: torch 2.11, triton 3.6,
-# torchvision 0.26, an old setuptools), with the extension built against
-# them the way benchmarks/gpu_check.sh builds it there. Code that only works
-# on newer releases fails here instead of costing GPU minutes. CI runs it
-# after the README's test command; extra arguments go to pytest.
+# torchvision 0.26, an old setuptools; Python 3.12 where this machine has
+# it), with the extension built against them the way benchmarks/gpu_check.sh
+# builds it there. Code that only works on newer releases fails here instead
+# of costing GPU minutes. CI runs it after the README's test command; extra
+# arguments go to pytest.
 #
 # Its own virtual environment (GPU_VERSIONS_VENV, default build/venv-gpu-versions,
 # kept between runs) and its own copy of the source tree (build/gpu-versions-tree),
@@ -14,14 +15,20 @@ cd "$(dirname "$0")/.."
 venv="${GPU_VERSIONS_VENV:-build/venv-gpu-versions}"
 tree=build/gpu-versions-tree
 
-[ -x "$venv/bin/python" ] || python -m venv "$venv"
+# The GPU machine runs Python 3.12: so does this venv, where this machine has
+# one (GPU_VERSIONS_PYTHON names another).
+base=""
+for candidate in "${GPU_VERSIONS_PYTHON:-}" python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 python3 python; do
+    if [ -n "$candidate" ] && "$candidate" -c "import venv" 2>/dev/null; then base=$candidate; break; fi
+done
+[ -x "$venv/bin/python" ] || "$base" -m venv "$venv"
 python="$(cd "$venv" && pwd)/bin/python"
 "$python" -m pip install --quiet -r requirements/gpu-machine.txt
 "$python" -m pip install --quiet --no-deps -r requirements/cutlass.txt
 "$python" - <<'PY'
-import setuptools, torch, torchvision, triton
-print(f"GPU machine's versions: torch {torch.__version__}, triton {triton.__version__}, "
-      f"torchvision {torchvision.__version__}, setuptools {setuptools.__version__}")
+import platform, setuptools, torch, torchvision, triton
+print(f"GPU machine's versions: Python {platform.python_version()}, torch {torch.__version__}, "
+      f"triton {triton.__version__}, torchvision {torchvision.__version__}, setuptools {setuptools.__version__}")
 PY
 
 # The tracked and the new (not ignored) files of the working tree.

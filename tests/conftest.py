@@ -15,9 +15,8 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import resnet_fast  # noqa: E402
 from resnet_fast.backends import _unavailable_reason, available_backends, triton_interpreted  # noqa: E402
+from resnet_fast.testing import REL_TOL, TF32_REL_TOL, rel_err  # noqa: E402,F401  (tests import them from here)
 
-# Relative error ||out - ref|| / ||ref|| allowed per dtype, stated once.
-REL_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 # Elementwise tolerances for torch.testing.assert_close, per dtype.
 ELEM_TOL = {
     torch.float32: dict(rtol=1e-4, atol=1e-5),
@@ -47,11 +46,6 @@ def kernel_backends():
         if status.available and name != "reference" and _unavailable_reason(name, torch.device("cpu")) is None
         and not (name == "triton" and triton_interpreted())
     ]
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def assert_rel(out: torch.Tensor, ref: torch.Tensor, dtype=None, factor: float = 1.0):

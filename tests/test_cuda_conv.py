@@ -8,7 +8,7 @@ import torch
 
 from resnet_fast import backends, ops
 
-from conftest import HAS_CUDA, assert_rel, channels_last, poison_allocator
+from conftest import HAS_CUDA, REL_TOL, TF32_REL_TOL, assert_rel, channels_last, poison_allocator
 from test_ops import conv_out_shape, make_conv
 
 needs_cuda_build = pytest.mark.skipif(
@@ -212,9 +212,8 @@ def test_cuda_convolutions_match_reference(case, dtype, residual, relu, algorith
     poison_allocator(expected.numel(), "cuda")
     out = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="native", **args)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
-    # TF32 rounds each operand to 10 mantissa bits: about 5e-4 relative error
-    # against exact float32 on these sums; a wrong kernel is off by O(1).
-    assert_rel(out, expected, factor=200 if dtype == torch.float32 else 1)
+    # TF32 against exact float32 (TF32_REL_TOL); a wrong kernel is off by O(1).
+    assert_rel(out, expected, factor=TF32_REL_TOL / REL_TOL[torch.float32] if dtype == torch.float32 else 1)
     if relu:
         assert (out >= 0).all()
 
