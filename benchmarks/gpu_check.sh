@@ -36,8 +36,9 @@ export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TOR
 export RESNET_FAST_TRITON_AUTOTUNE=0
 
 mkdir -p "$OUT"
-rm -f "$OUT"/{summary.txt,build.log,smoke.log,tests.log,bench.log} "$OUT"/cuda-*.json "$OUT"/cuda-*.md \
-    "$OUT"/cpu-*.json "$OUT"/cpu-*.md
+# The logs are appended to phase by phase: start them afresh (the benchmark
+# rewrites its own results).
+rm -f "$OUT"/{summary.txt,build.log,smoke.log,tests.log,bench.log}
 
 wanted() { [[ " $PHASES " == *" $1 "* ]]; }
 limit_of() { local var="LIMIT_${1^^}"; echo "${!var:-$2}"; }
