@@ -84,11 +84,12 @@ def test_dot_lowers_to_wgmma_on_hopper_where_triton_can(compiled):
 def test_default_configs_do_not_spill_in_16_bit(compiled):
     """The config each reduction walk runs with when autotuning is off (the
     GPU tests, the GPU check's benchmark) keeps everything in registers."""
+    from resnet_fast.kernels.triton.aot import _config_label
     from resnet_fast.kernels.triton.conv import DEFAULT_GPU_CONFIGS
 
     for walk, config in DEFAULT_GPU_CONFIGS.items():
-        label = f"{config['block_m']}x{config['block_n']}x{config['block_k']} w{config['num_warps']} " \
-                f"s{config['num_stages']}"
+        meta = {"BLOCK_M": config["block_m"], "BLOCK_N": config["block_n"], "BLOCK_K": config["block_k"]}
+        label = _config_label(meta, config["num_warps"], config["num_stages"])
         rows = [r for r in compiled["rows"] if r["kernel"] == "_conv_bias_act_kernel" and r["config"] == label
                 and r["FLAT_REDUCTION"] == (walk == "flat") and r["dtype"] in ("float16", "bfloat16")]
         assert len(rows) == 2 * len(ARCHS), (walk, label)  # two dtypes x archs

@@ -182,13 +182,17 @@ def specializations() -> List[Specialization]:
     return list(unique.values())
 
 
-def kernels_defined() -> List[str]:
-    """Names of every kernel (a @triton.jit function named *_kernel) that
-    the launching modules define."""
-    return sorted({
-        value.__name__ for module in LAUNCHING_MODULES for value in vars(module).values()
+def _kernels() -> Dict[str, "triton.runtime.jit.JITFunction"]:
+    """Every kernel (a @triton.jit function named *_kernel) that the
+    launching modules define, by name."""
+    return {
+        value.__name__: value for module in LAUNCHING_MODULES for value in vars(module).values()
         if isinstance(value, triton.runtime.jit.JITFunction) and value.__name__.endswith("_kernel")
-    })
+    }
+
+
+def kernels_defined() -> List[str]:
+    return sorted(_kernels())
 
 
 # ------------------------------------------------------------ compiling
@@ -235,19 +239,11 @@ def _registers_and_local(cubin: bytes, name: str):
     return registers, stack + local
 
 
-def _kernel_function(name: str):
-    for module in LAUNCHING_MODULES:
-        for value in vars(module).values():
-            if isinstance(value, triton.runtime.jit.JITFunction) and value.__name__ == name:
-                return value
-    raise KeyError(name)
-
-
 def compile_one(spec: Specialization, arch: int) -> Dict:
     """Compile spec for sm_<arch> and read off what it needs."""
     from triton.backends.compiler import GPUTarget
 
-    fn = _kernel_function(spec.kernel)
+    fn = _kernels()[spec.kernel]
     signature, attrs = _signature_and_attrs(fn, spec)
     row = {"kernel": spec.kernel, "case": spec.case, "dtype": spec.dtype, "config": spec.config, "arch": arch,
            "num_warps": spec.num_warps, "uses_dot": spec.uses_dot,
