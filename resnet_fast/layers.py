@@ -10,6 +10,7 @@ forward computation is fused:
   - any other norm layer: the modules as they are, unfused.
 """
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Optional, Tuple
 
@@ -38,6 +39,40 @@ def _uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None or bn.running_var is None
 
 
+def _cacheable(sources) -> bool:
+    """Whether a fold of these tensors may be cached: not while torch.compile
+    traces (the compiled graph folds by itself), nor while autograd needs to
+    flow into them (fine-tuning with frozen BN), nor for tensors made under
+    torch.inference_mode, which have no version counter to reveal an
+    in-place change (those are folded on every call)."""
+    if torch.compiler.is_compiling():
+        return False
+    present = [t for t in sources if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    if any(t.is_inference() for t in present):
+        _note_uncached_inference_tensors()
+        return False
+    return True
+
+
+_inference_note = threading.Event()
+
+
+def _note_uncached_inference_tensors() -> None:
+    if _inference_note.is_set():
+        return
+    _inference_note.set()
+    warnings.warn(
+        "resnet_fast: this model's weights were made under torch.inference_mode(), and such tensors have no "
+        "version counter to show when they change, so the BatchNorm-folded weights are computed again on every "
+        "call instead of cached (slower, same results). Create or load the model outside inference_mode to "
+        "cache them; running it inside inference_mode is fine. (Said once.)",
+        UserWarning,
+        stacklevel=5,
+    )
+
+
 def _tensor_key(t: Optional[Tensor]):
     if t is None:
         return None
@@ -51,9 +86,8 @@ class FoldCache:
     The key holds the storage address, version counter, dtype and device of
     every source tensor, so an optimizer step, an in-place edit,
     load_state_dict or .to() all invalidate it. Edits through `.data` do not
-    bump the version counter: clear_fold_caches() after those. Folding is never cached while
-    autograd needs to flow into the sources (fine-tuning with frozen BN), or
-    while torch.compile traces (the compiled graph folds by itself).
+    bump the version counter: clear_fold_caches() after those. When nothing
+    is cached, see _cacheable.
 
     A prepacked weight is fast only for the input shape it was packed for
     (oneDNN reorders it on every call otherwise, measured up to 4x slower than
@@ -85,16 +119,15 @@ class FoldCache:
         """(weight, bias) folded; with prepack_for (an input), the weight comes
         prepacked for inputs of its shape, where prepacking applies."""
         sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-        cacheable = not torch.compiler.is_compiling() and not (
-            torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
-        )
-        if not cacheable:
+        if not _cacheable(sources):
             return _fold(conv, norm)
         key = tuple(_tensor_key(t) for t in sources) + (norm.eps,)
-        with self._lock:
+        # Made as ordinary tensors without autograd history whatever the mode
+        # of the call that fills the cache, so that a later call in any mode
+        # (inference_mode, no_grad, autograd through the input) can use them.
+        with self._lock, torch.inference_mode(False), torch.no_grad():
             if key != self._key:
-                with torch.no_grad():
-                    self._folded = _fold(conv, norm)
+                self._folded = _fold(conv, norm)
                 self._packed.clear()
                 self._key = key
             weight, bias = self._folded

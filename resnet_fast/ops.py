@@ -69,7 +69,8 @@ def conv_bias_act(
 
     The eval-mode (and frozen-BN) layer: BatchNorm folded into weight and
     bias (see fold_bn). Differentiable in x, weight, bias and residual.
-    Output is channels_last. weight may be a prepacked oneDNN weight
+    Output is channels_last; an empty batch gives an empty output (computed
+    by the reference). weight may be a prepacked oneDNN weight
     (prepack_conv_weight) on the native CPU backend, for inference.
     """
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
@@ -78,11 +79,11 @@ def conv_bias_act(
         return torch.ops.resnet_fast.conv_bias_act(
             x, weight, bias, residual, stride, padding, dilation, groups, relu
         )
-    check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups)
+    check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups, empty_batch_ok=True)
     dilation = effective_dilation(weight.shape, dilation)
     x, stride, padding = crop_for_unit_outputs(x, weight.shape, stride, padding, dilation)
     backend = resolve_backend(backend, x.device)
-    if backend == "reference":
+    if backend == "reference" or x.shape[0] == 0:  # aten has every rule for an empty batch
         return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     return _kernels(backend).conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
 
@@ -119,7 +120,7 @@ def bias_act(
     y: Tensor, bias: Tensor, residual: Optional[Tensor] = None, relu: bool = True, backend: Optional[str] = None
 ) -> Tensor:
     """act(y + bias[c] + residual): the fused conv epilogue on its own."""
-    check_activation(y, "y")
+    check_activation(y, "y", empty_batch_ok=True)
     check_channel_vector(y, bias, "bias", y.shape[1])
     if residual is not None:
         check_like(y, residual, "residual", shape=y.shape)
@@ -130,7 +131,7 @@ def bias_act(
             "use backend='native' or 'reference'"
         )
     backend = resolve_backend(backend, y.device)
-    if backend == "reference":
+    if backend == "reference" or y.shape[0] == 0:
         return reference.bias_act(y, bias, residual, relu)
     return torch.ops.resnet_fast.bias_act(y, bias, residual, relu)
 
@@ -150,13 +151,14 @@ def bn_act_train(
     """Training BatchNorm (batch statistics) + residual + ReLU, in one op.
 
     Returns (out, save_mean, save_invstd). When given, running_mean and
-    running_var are updated in place exactly as nn.BatchNorm2d does:
+    running_var are updated in place exactly as nn.BatchNorm2d does (not at
+    all for an empty batch, whose save_mean and save_invstd are zeros):
     running = (1 - momentum) * running + momentum * batch_stat, with the
     unbiased batch variance. `momentum` is the update factor itself (the
     module passes 1 / num_batches_tracked for momentum=None).
     Differentiable in x, weight, bias and residual.
     """
-    count = check_bn_train_args(x, weight, bias, residual)
+    count = check_bn_train_args(x, weight, bias, residual, empty_batch_ok=True)
     check_momentum(momentum)
     check_eps(eps)
     check_flag(relu, "relu")
@@ -167,6 +169,12 @@ def bn_act_train(
         check_channel_vector(x, running_mean, "running_mean", channels)
         check_channel_vector(x, running_var, "running_var", channels)
     backend = resolve_backend(backend, x.device)
+    if count == 0:
+        # As nn.BatchNorm2d: an empty output (still connected to the
+        # parameters for autograd) and the running statistics untouched.
+        out = reference.bias_act(x * weight.view(1, -1, 1, 1).to(x.dtype), bias, residual, relu)
+        no_stats = x.new_zeros(channels, dtype=torch.float32)
+        return out, no_stats, no_stats.clone()
     if backend == "reference":
         out, mean, invstd, var = reference.bn_act_train(x, weight, bias, residual, eps, relu)
     else:

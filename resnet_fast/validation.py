@@ -13,7 +13,9 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PREFIX = "resnet_fast:"
 
 
-def check_activation(t: Tensor, name: str, prefix: str = PREFIX) -> None:
+def check_activation(t: Tensor, name: str, prefix: str = PREFIX, empty_batch_ok: bool = False) -> None:
+    """A dense 4-D floating-point tensor with something in it; with
+    empty_batch_ok, a batch of 0 (and otherwise sized) passes too."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{prefix} {name} must be a Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -22,7 +24,7 @@ def check_activation(t: Tensor, name: str, prefix: str = PREFIX) -> None:
         raise ValueError(f"{prefix} {name} must be 4-D (N, C, H, W), got {t.dim()}-D of shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{prefix} {name} must be float32, float16 or bfloat16, got {t.dtype}")
-    if t.numel() == 0:
+    if t.numel() == 0 and not (empty_batch_ok and t.shape[0] == 0 and min(t.shape[1:]) > 0):
         raise ValueError(f"{prefix} {name} is empty (shape {tuple(t.shape)})")
 
 
@@ -89,9 +91,9 @@ def conv_output_shape(x_shape, w_shape, stride, padding, dilation, prefix: str =
 
 
 def check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups,
-                    prefix: str = PREFIX) -> Tuple[int, int, int, int]:
+                    prefix: str = PREFIX, empty_batch_ok: bool = False) -> Tuple[int, int, int, int]:
     """Every argument of conv_bias_act; returns the output shape."""
-    check_activation(x, "x", prefix)
+    check_activation(x, "x", prefix, empty_batch_ok)
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         raise ValueError(f"{prefix} weight must be a 4-D tensor (K, C/groups, R, S), got {getattr(weight, 'shape', weight)}")
     check_like(x, weight, "weight", prefix=prefix)
@@ -121,16 +123,16 @@ def check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups
     return out_shape
 
 
-def check_bn_train_args(x, weight, bias, residual, prefix: str = PREFIX) -> int:
+def check_bn_train_args(x, weight, bias, residual, prefix: str = PREFIX, empty_batch_ok: bool = False) -> int:
     """Every argument of bn_act_train; returns the values per channel (N*H*W)."""
-    check_activation(x, "x", prefix)
+    check_activation(x, "x", prefix, empty_batch_ok)
     channels = x.shape[1]
     check_channel_vector(x, weight, "weight", channels, prefix)
     check_channel_vector(x, bias, "bias", channels, prefix)
     if residual is not None:
         check_like(x, residual, "residual", shape=x.shape, prefix=prefix)
     count = x.numel() // channels
-    if count < 2:
+    if count < 2 and not (empty_batch_ok and count == 0):
         raise ValueError(
             f"{prefix} batch norm in training needs more than 1 value per channel, got input of shape {tuple(x.shape)}"
         )

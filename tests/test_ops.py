@@ -299,7 +299,7 @@ BAD_CONV_CALLS = {
     "3-D input": (_conv_call(x=torch.randn(8, 9, 11)), ValueError, "4-D"),
     "integer input": (_conv_call(x=torch.ones(1, 8, 9, 11, dtype=torch.int64)), TypeError, "float32"),
     "float64 input": (_conv_call(x=torch.randn(1, 8, 9, 11, dtype=torch.float64)), TypeError, "float32"),
-    "empty batch": (_conv_call(x=torch.randn(0, 8, 9, 11)), ValueError, "empty"),
+    "empty image": (_conv_call(x=torch.randn(1, 8, 0, 11)), ValueError, "empty"),
     "wrong channels": (_conv_call(x=torch.randn(1, 5, 9, 11)), ValueError, "channels"),
     "weight dtype": (_conv_call(weight=torch.randn(12, 8, 3, 3, dtype=torch.bfloat16)), TypeError, "weight has dtype"),
     "weight device": (_conv_call(weight=torch.randn(12, 8, 3, 3, device="meta")), ValueError, "weight is on meta"),
@@ -485,3 +485,30 @@ def test_conv_with_a_single_output_column(backend, dtype, geometry):
     out = ops.conv_bias_act(x, weight, bias, stride=stride, padding=padding, groups=groups, relu=False, backend=backend)
     assert out.shape == expected.shape
     assert_rel(out.double(), expected, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_empty_batch_gives_empty_outputs_on_every_backend(backend):
+    """Batch 0: empty outputs of the right shape, gradients of zeros for the
+    parameters (as F.conv2d and nn.BatchNorm2d give), running statistics untouched."""
+    x = torch.randn(0, 8, 9, 11, requires_grad=True)
+    weight = torch.randn(12, 8, 3, 3, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    residual = torch.randn(0, 12, 5, 6)
+    out = ops.conv_bias_act(x, weight, bias, residual, 2, 1, backend=backend)
+    assert out.shape == (0, 12, 5, 6) and out.dtype == x.dtype
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+
+    if backend != "triton":  # bias_act has no Triton kernel of its own
+        assert ops.bias_act(torch.randn(0, 12, 4, 4), torch.randn(12), backend=backend).shape == (0, 12, 4, 4)
+
+    gamma, beta = torch.rand(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    running_mean, running_var = torch.randn(8), torch.rand(8) + 0.5
+    before = running_mean.clone(), running_var.clone()
+    y, mean, invstd = ops.bn_act_train(torch.randn(0, 8, 3, 3), gamma, beta, running_mean, running_var, backend=backend)
+    assert y.shape == (0, 8, 3, 3) and mean.shape == invstd.shape == (8,)
+    y.sum().backward()
+    assert torch.equal(gamma.grad, torch.zeros(8)) and torch.equal(beta.grad, torch.zeros(8))
+    assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])

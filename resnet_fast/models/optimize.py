@@ -28,10 +28,8 @@ from .recognize import (
     unsupported_block_parts,
     unsupported_resnet_parts,
 )
+from .resnet import ORIGINAL_CLASS as _ORIGINAL_CLASS
 from .resnet import ResNet
-
-# Where a swapped module remembers the class it had, for to_torchvision.
-_ORIGINAL_CLASS = "_class_before_resnet_fast"
 
 
 class _Walk:

@@ -10,14 +10,15 @@ from torch import Tensor, nn
 from ..backends import BACKENDS
 from ..layers import conv_norm_act, fold_cache
 from .features import NUM_STAGES, FeatureInfo, last_n_indices, normalize_indices, stage_info
+from .module_path import block_parts, input_needs_modules, must_call_modules, trace_check_scope
+
+# Where optimize() keeps the class a module had before it swapped it in: to_torchvision()
+# restores it, and a swapped block that must call its modules runs its forward.
+ORIGINAL_CLASS = "_class_before_resnet_fast"
 
 NormLayer = Callable[[int], nn.Module]
 
 
-# torch.fx (create_feature_extractor, symbolic_trace) records these two as
-# single calls instead of tracing into them: they branch on tensor
-# properties (device, dtype, shape), which a symbolic trace cannot evaluate.
-@torch.fx.wrap
 def fused_conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Optional[Tensor], relu: bool,
                     backend: Optional[str]) -> Tensor:
     """act(norm(conv(x)) + residual) on the fused ops; the folded weights are
@@ -25,14 +26,8 @@ def fused_conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Optio
     return conv_norm_act(conv, norm, x, residual, relu, backend, fold_cache(conv, "folded"))
 
 
-def _symbolic_tracing() -> bool:
-    """Whether torch.fx.symbolic_trace is tracing (not torch.export / compile)."""
-    fx = torch.fx._symbolic_trace
-    if hasattr(fx, "is_fx_symbolic_tracing"):
-        return fx.is_fx_symbolic_tracing()
-    return fx.is_fx_tracing() and not torch.compiler.is_compiling()
-
-
+# torch.fx records a call of it (forward_intermediates) instead of tracing
+# into its checks, which a symbolic trace cannot evaluate.
 @torch.fx.wrap
 def check_resnet_input(x: Tensor, conv1: nn.Module) -> None:
     """Raise a clear error when x cannot be the input of a ResNet whose first conv is conv1."""
@@ -47,8 +42,6 @@ def check_resnet_input(x: Tensor, conv1: nn.Module) -> None:
         )
     if not x.is_floating_point():
         raise TypeError(f"expected a floating-point input, got {x.dtype} (convert images with x.float() / 255)")
-    if x.shape[0] == 0:
-        raise ValueError(f"empty batch: input has shape {tuple(x.shape)}")
     if x.shape[1] != conv1.in_channels:
         raise ValueError(
             f"expected input with {conv1.in_channels} channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
@@ -77,9 +70,43 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 class _FusedBlock(nn.Module):
     """What both block kinds share: the backend, the fold caches, the
-    fused (conv, norm) calls and the shortcut."""
+    fused (conv, norm) calls, the shortcut, and the choice between the fused
+    path and torchvision's module-by-module forward (module_path.py)."""
 
     backend: Optional[str] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles torchvision's forward
+            return self._forward_modules(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        if self._runs_fused(x):
+            return self._forward_fused(x)
+        original = self.__dict__.get(ORIGINAL_CLASS)  # a block optimize() swapped: its own forward
+        return original.forward(self, x) if original is not None else self._forward_modules(x)
+
+    @torch.jit.unused
+    def _runs_fused(self, x: Tensor) -> bool:
+        return not (input_needs_modules(x) or must_call_modules(self, block_parts(self)))
+
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        """The block's own modules, called as torchvision calls them."""
+        raise NotImplementedError
+
+    def __prepare_scriptable__(self):
+        original = self.__dict__.get(ORIGINAL_CLASS)
+        if original is not None and original.__module__.split(".")[0] == "timm":
+            raise RuntimeError(
+                f"resnet_fast: cannot script a timm {original.__name__} that resnet_fast.optimize() swapped; "
+                "call resnet_fast.to_torchvision(model) first, or use torch.export"
+            )
+        return self
 
     def _fused(self, conv_name: str, norm_name: str, x: Tensor, residual: Optional[Tensor] = None,
                relu: bool = True) -> Tensor:
@@ -123,10 +150,24 @@ class BasicBlock(_FusedBlock):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
         identity = self._shortcut(x)
         out = self._fused("conv1", "bn1", x)
         return self._fused("conv2", "bn2", out, residual=identity)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
 
 
 class Bottleneck(_FusedBlock):
@@ -158,11 +199,28 @@ class Bottleneck(_FusedBlock):
         self.downsample = downsample
         self.stride = stride
 
-    def forward(self, x: Tensor) -> Tensor:
+    @torch.jit.unused
+    def _forward_fused(self, x: Tensor) -> Tensor:
         identity = self._shortcut(x)
         out = self._fused("conv1", "bn1", x)
         out = self._fused("conv2", "bn2", out)
         return self._fused("conv3", "bn3", out, residual=identity)
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
 
 
 def _positive_int(value) -> bool:
@@ -201,6 +259,9 @@ class ResNet(nn.Module):
     loading a full torchvision or timm state_dict into it ignores the
     dropped modules' keys.
     """
+
+    # TorchScript compiles torchvision's forward only (_forward_modules).
+    __jit_unused_properties__ = ["backend", "feature_info"]
 
     # Class-level defaults, so a torchvision ResNet whose class optimize()
     # swapped in place behaves as a full model.
@@ -354,11 +415,10 @@ class ResNet(nn.Module):
         return self.maxpool(self._stem_act(x))
 
     def _stem_act(self, x: Tensor) -> Tensor:
+        if input_needs_modules(x) or must_call_modules(self, (self.conv1, self.bn1, self.relu)):
+            # torchvision's stem, on the input as given (the blocks take any layout)
+            return self.relu(self.bn1(self.conv1(x)))
         x = x.contiguous(memory_format=torch.channels_last)
-        if _symbolic_tracing():
-            # The ReLU as its own module call, so that a traced graph has
-            # torchvision's "relu" node for C1 (create_feature_extractor).
-            return self.relu(fused_conv_norm(self.conv1, self.bn1, x, None, False, self.backend))
         return fused_conv_norm(self.conv1, self.bn1, x, None, True, self.backend)
 
     def _run_stages(self, x: Tensor, indices: Tuple[int, ...], last: int) -> Tuple[Tensor, List[Tensor]]:
@@ -416,8 +476,41 @@ class ResNet(nn.Module):
         final, features = self._run_stages(x, wanted, last)
         return features if intermediates_only else (final, features)
 
-    def forward(self, x: Tensor) -> Union[Tensor, List[Tensor]]:
-        check_resnet_input(x, self.conv1)
+    def forward(self, x: Tensor) -> Tensor:
+        # Annotated as torchvision's (a Tensor) for TorchScript; a
+        # features_only model returns the list of feature maps.
+        if torch.jit.is_scripting():  # TorchScript compiles torchvision's forward
+            return self._forward_modules(x)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Tensor) -> Tensor:
+        if not (torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy)):  # traces record torchvision's graph
+            check_resnet_input(x, self.conv1)
+        with trace_check_scope():
+            if self.features_only:
+                return self._run_stages(x, self.out_indices, max(self.out_indices))[1]  # type: ignore[return-value]
+            return self.forward_head(self.forward_features(x))
+
+    def _forward_modules(self, x: Tensor) -> Tensor:
+        """torchvision's forward, module by module (what TorchScript runs)."""
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.relu(x)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        x = self.fc(x)
+        return x
+
+    def __prepare_scriptable__(self):
         if self.features_only:
-            return self._run_stages(x, self.out_indices, max(self.out_indices))[1]
-        return self.forward_head(self.forward_features(x))
+            raise RuntimeError(
+                "resnet_fast: torch.jit.script takes full models (torchvision's); for a features_only backbone use "
+                "torch.export, or script torchvision's IntermediateLayerGetter around a full model"
+            )
+        return self
