@@ -512,3 +512,27 @@ def test_empty_batch_gives_empty_outputs_on_every_backend(backend):
     y.sum().backward()
     assert torch.equal(gamma.grad, torch.zeros(8)) and torch.equal(beta.grad, torch.zeros(8))
     assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_matches_the_reference(backend):
+    """A backward with create_graph=True is itself differentiable, with the
+    reference's second derivatives, also when the residual is an ancestor
+    of the conv's input (a block without downsample)."""
+    block_input = torch.randn(2, 6, 7, 5, requires_grad=True)
+    weight = (torch.randn(6, 6, 3, 3) / 7).requires_grad_()
+    bias, gamma, beta = (torch.randn(6, requires_grad=True) for _ in range(3))
+
+    def second_order(conv, bn):
+        hidden = bn(block_input * 1.5, gamma, beta, None, 1e-5, True)
+        out = conv(hidden, weight, bias, block_input, (1, 1), (1, 1), (1, 1), 1, True)
+        grad_input, = torch.autograd.grad(out.square().sum(), block_input, create_graph=True)
+        return (grad_input,) + torch.autograd.grad(grad_input.square().sum(), (block_input, weight, bias, gamma, beta))
+
+    got = second_order(
+        lambda *a: ops.conv_bias_act(*a, backend=backend),
+        lambda x, w, b, r, eps, relu: ops.bn_act_train(x, w, b, residual=r, eps=eps, relu=relu, backend=backend)[0],
+    )
+    expected = second_order(reference.conv_bias_act, lambda *a: reference.bn_act_train(*a)[0])
+    for g, e in zip(got, expected):
+        assert_rel(g, e, factor=10)

@@ -46,7 +46,12 @@ def check_resnet_input(x: Tensor, conv1: nn.Module) -> None:
         raise ValueError(
             f"expected input with {conv1.in_channels} channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
         )
-    weight = conv1.weight
+    # A parameter of conv1, not conv1.weight: reading a parametrized weight
+    # runs its parametrization (spectral_norm's power iteration: one more
+    # step than torchvision's forward takes).
+    weight = next(conv1.parameters(), None)
+    if weight is None:
+        return
     if x.device != weight.device:
         raise ValueError(f"input is on {x.device} but the model is on {weight.device}; move one with .to()")
     autocast = torch.is_autocast_enabled(x.device.type) if x.device.type in ("cpu", "cuda") else False
