@@ -104,6 +104,14 @@ class _FusedBlock(nn.Module):
         """The block's own modules, called as torchvision calls them."""
         raise NotImplementedError
 
+    def _add_shortcut_and_relu(self, out: Tensor, x: Tensor) -> Tensor:
+        """The end of torchvision's forward: out + shortcut(x), then ReLU."""
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
     def __prepare_scriptable__(self):
         original = self.__dict__.get(ORIGINAL_CLASS)
         if original is not None and original.__module__.split(".")[0] == "timm":
@@ -162,17 +170,8 @@ class BasicBlock(_FusedBlock):
         return self._fused("conv2", "bn2", out, residual=identity)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        out = self.relu(out)
-        return out
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self._add_shortcut_and_relu(self.bn2(self.conv2(out)), x)
 
 
 class Bottleneck(_FusedBlock):
@@ -212,20 +211,9 @@ class Bottleneck(_FusedBlock):
         return self._fused("conv3", "bn3", out, residual=identity)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        out = self.relu(out)
-        out = self.conv3(out)
-        out = self.bn3(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        out = self.relu(out)
-        return out
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self._add_shortcut_and_relu(self.bn3(self.conv3(out)), x)
 
 
 def _positive_int(value) -> bool:
