@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn.modules import module as _module_globals
 
-# The dtypes the fused kernels compute in; anything else (float64) runs on aten.
-FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..validation import FLOAT_DTYPES
+
 
 # Children a fused block computes itself; each must stay exactly this.
 _ACTIVATIONS = ("relu", "act1", "act2", "act3")  # torchvision's name, timm's names
@@ -44,7 +44,7 @@ def input_needs_modules(x: Tensor) -> bool:
     ):
         return True
     return (
-        x.dtype not in FUSED_DTYPES  # float64
+        x.dtype not in FLOAT_DTYPES  # the fused kernels' dtypes; float64 runs on aten
         or x.is_meta  # shapes only: no kernel to choose
         or statically_known_true(x.shape[0] == 0)  # an empty batch: BatchNorm's own rules for it
     )
@@ -145,7 +145,7 @@ def why_modules(owner: nn.Module, modules: Iterable[nn.Module]) -> Optional[str]
     if _global_hooks():
         return "a global module hook (torch.nn.modules.module.register_module_forward_hook or the like)"
     for m in modules:
-        if m is not owner and _has_hooks(m):
+        if _has_hooks(m):
             return f"a hook on its {type(m).__name__}"
     for name in _ACTIVATIONS:
         act = owner._modules.get(name)
