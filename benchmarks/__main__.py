@@ -11,6 +11,7 @@ import torch
 from . import ceiling, conv_layers, end_to_end, train_step
 from .environment import describe
 from .report import markdown, save
+from .plot import save_chart
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +41,7 @@ def parse_args(argv=None):
                              "measures in the same run (not saved)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per contender (after 2 warm-up runs)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and markdown results")
-    parser.add_argument("--no-plot", action="store_true", help="write no PNG chart (`python -m benchmarks.plot "
+    parser.add_argument("--no-plot", action="store_true", help="draw no PNG/SVG chart (`python -m benchmarks.plot "
                         "RESULTS.json` draws it later)")
     args = parser.parse_args(argv)
     if args.batch is not None and args.batch < 1:
@@ -83,15 +84,15 @@ def main(argv=None) -> int:
 
     # Results are saved after every layer and section (same files, rewritten),
     # so a run cut short by a time limit keeps what it measured; the per-layer
-    # table, what the kernels are judged on, comes first.
+    # table, what the kernels are judged on, comes first. The chart (a second
+    # or two to draw) is drawn once, at the end.
     rows = []
-    plot = not args.no_plot
     if args.layers:
         print(f"  per conv layer: {args.layers}", flush=True)
         for layer_rows in conv_layers.run(args.layers, batch, args.size, dtype, device, args.repeats):
             rows += layer_rows
             print(f"    {layer_rows[0]['layer']}: {layer_rows[0]['shape']}", flush=True)
-            save(args.out, env, rows, plot)
+            save(args.out, env, rows, plot=False)
     for arch in filter(None, models.split(",")):
         flops = end_to_end.flops_per_image(arch, args.size)
         for b in batches:
@@ -99,17 +100,18 @@ def main(argv=None) -> int:
             rows += end_to_end.run(arch, b, args.size, dtype, device, not args.no_compile, args.repeats,
                                    flops, env["ceiling"], max_autotune=args.max_autotune and not args.no_compile,
                                    tune=args.tune)
-            save(args.out, env, rows, plot)
+            save(args.out, env, rows, plot=False)
         if train_batch:
             print(f"  train step: {arch}, batch {train_batch}, {train_size}x{train_size}", flush=True)
             rows += train_step.run(arch, train_batch, train_size, dtype, device, args.repeats,
                                    end_to_end.flops_per_image(arch, train_size), env["ceiling"])
-            save(args.out, env, rows, plot)
+            save(args.out, env, rows, plot=False)
 
-    stem = save(args.out, env, rows, plot)
+    stem = save(args.out, env, rows, plot=False)
+    charts = [] if args.no_plot or not rows else save_chart(env, rows, stem)
     print()
     print(markdown(env, rows))
-    print(f"\nresults: {stem}.json, {stem}.md" + ("" if args.no_plot else f", {stem}.png"))
+    print("\nresults: " + ", ".join([f"{stem}.json", f"{stem}.md", *charts]))
     return 0
 
 

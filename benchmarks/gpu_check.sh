@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (the README's GPU section). Phases in
+# The one command for a lent GPU machine (docs/gpu.md). Phases in
 # order of value, each in its own process under its own time limit, so that a
 # crash, a sticky CUDA error or a hang in one still leaves the later phases
 # and every log:

@@ -99,9 +99,10 @@ def markdown(env: Dict, rows: List[Dict]) -> str:
 
 
 def save(out_dir: str, env: Dict, rows: List[Dict], plot: bool = True) -> str:
-    """Write <out_dir>/<device>-<card>-<date>.{json,md,png} (the chart only
-    with `plot`); returns the stem."""
-    from .plot import save_png
+    """Write <out_dir>/<device>-<card>-<date>.{json,md}, and the chart as
+    .png and .svg with `plot` (skipped, with a note, without matplotlib);
+    returns the stem."""
+    from .plot import save_chart
 
     os.makedirs(out_dir, exist_ok=True)
     card = re.sub(r"[^a-z0-9]+", "-", env["card"].lower()).strip("-")[:40]
@@ -111,5 +112,5 @@ def save(out_dir: str, env: Dict, rows: List[Dict], plot: bool = True) -> str:
     with open(stem + ".md", "w") as f:
         f.write(markdown(env, rows))
     if rows and plot:
-        save_png(env, rows, stem + ".png")
+        save_chart(env, rows, stem)
     return stem

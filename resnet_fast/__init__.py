@@ -2,7 +2,7 @@
 ReLU kernels.
 
     import resnet_fast
-    model = resnet_fast.resnet50(weights="resnet50.pth").eval()
+    model = resnet_fast.resnet50(weights="DEFAULT").eval()   # or a file, URL, state_dict
     resnet_fast.available_backends()
 
     resnet_fast.optimize(detector)        # torchvision / timm ResNets inside any model, in place

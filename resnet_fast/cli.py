@@ -3,9 +3,10 @@ finetune, eval and predict.
 
     resnet-fast train                                   # the embedded digits, on this machine's device
     resnet-fast train --data path/to/images --arch resnet50 --amp bf16
-    resnet-fast finetune --weights resnet50.pth --data path/to/images --freeze backbone
+    resnet-fast finetune --weights IMAGENET1K_V2 --arch resnet50 --data path/to/images --freeze backbone
     resnet-fast eval --weights runs/train/last.pt
     resnet-fast predict --weights runs/train/last.pt image1.png image2.jpg
+    resnet-fast predict --weights DEFAULT --arch resnet50 photo.jpg   # ImageNet's categories
     torchrun --nproc-per-node 2 -m resnet_fast train --sync-bn
 """
 import argparse
@@ -13,9 +14,14 @@ import sys
 from typing import List, Optional
 
 from .backends import BACKENDS
+from .models.download import WeightsDownloadError
 
 DATA_HELP = ("an image-folder root with train/ and val/ (one folder per class), or 'digits' (default): "
              "the embedded handwritten digits; 'digits:0-4' or 'digits:5,6,7' for some of the classes")
+
+
+WEIGHTS_HELP = ("a torchvision weights name (DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V2; "
+                "downloaded into torch.hub's cache), a URL, timm/<model>, or a state_dict file (.pth/.safetensors)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -58,20 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="start from pretrained weights with a new head")
     _training(p, default_epochs=5, default_lr=0.05)
-    p.add_argument("--weights", required=True,
-                   help="a torchvision or resnet_fast state_dict file (.pth/.safetensors) or a training checkpoint")
+    p.add_argument("--weights", required=True, help="pretrained weights for --arch: " + WEIGHTS_HELP)
     p.add_argument("--freeze", default="none",
                    help="none (default), bn, backbone, or upto:stem|layer1|layer2|layer3|layer4")
 
     p = sub.add_parser("eval", help="accuracy, per-class precision/recall/F1 and a confusion matrix")
     _common(p)
-    p.add_argument("--weights", required=True, help="a training checkpoint, or a weights file (with --arch)")
+    p.add_argument("--weights", required=True, help="a training checkpoint, or weights for --arch: " + WEIGHTS_HELP)
     p.add_argument("--split", default="val", help="which split of --data (default val)")
     p.add_argument("--output", default="runs/eval", help="where eval.json and the confusion matrix go")
 
     p = sub.add_parser("predict", help="classify image files")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--weights", required=True, help="a training checkpoint, or a weights file (with --arch)")
+    p.add_argument("--weights", required=True, help="a training checkpoint, or weights for --arch: " + WEIGHTS_HELP)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--backend", default=None, choices=BACKENDS)
     p.add_argument("--device", default="auto")
@@ -90,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = {"train": run.train, "finetune": run.train, "eval": run.evaluate, "predict": run.predict}[args.command]
     try:
         command(args)
-    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError, WeightsDownloadError) as exc:
         print(f"resnet-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

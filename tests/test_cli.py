@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -171,6 +172,8 @@ def test_eval_writes_metrics_that_agree_with_sklearn(pretrained, tmp_path, capsy
         assert got["precision"] == pytest.approx(p[i]) and got["recall"] == pytest.approx(r[i])
         assert got["f1"] == pytest.approx(f1[i]) and got["support"] == support[i]
     assert (tmp_path / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg_text = "".join(ET.parse(tmp_path / "confusion_matrix.svg").getroot().itertext())
+    assert all(name in svg_text for name in report["class_names"])
     assert "precision" in capsys.readouterr().out
 
 
@@ -186,6 +189,87 @@ def test_classification_report_against_sklearn_on_random_logits():
     assert report["macro_f1"] == pytest.approx(f1.mean())
     assert report["top5"] == pytest.approx(sklearn_metrics.top_k_accuracy_score(targets, logits, k=5,
                                                                                 labels=range(7)))
+
+
+def _random_confusion(n: int, samples_per_class: int = 40):
+    """A confusion matrix of a mostly right classifier, with one class that
+    has no samples."""
+    generator = torch.Generator().manual_seed(n)
+    cm = torch.randint(0, 4, (n, n), generator=generator)
+    cm += torch.diag(torch.randint(samples_per_class // 2, samples_per_class, (n,), generator=generator))
+    cm[n // 2] = 0
+    return cm.tolist()
+
+
+def test_confusion_figure_shows_counts_and_recall_with_colour_bars():
+    pytest.importorskip("matplotlib")
+    from resnet_fast.training.metrics import confusion_figure
+
+    names = ["cat", "dog", "a rather long class name", "bird", "fish", "horse"]
+    cm = _random_confusion(len(names))
+    counts, normalised = fig_axes = [ax for ax in confusion_figure(cm, names).axes if ax.images]
+    for ax in fig_axes:
+        assert ax.images[0].colorbar is not None
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("predicted", "true")
+        assert [t.get_text() for t in ax.get_yticklabels()] == names
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+        assert ax.get_xticklabels()[0].get_rotation() == 45  # long names are slanted
+    cells = {(int(t.get_position()[1]), int(t.get_position()[0])): t for t in counts.texts}
+    assert {k: int(t.get_text()) for k, t in cells.items()} == {(i, j): v for i, row in enumerate(cm)
+                                                               for j, v in enumerate(row)}
+    # Readable on the cell: white on the darkest (largest) count, black on an empty cell.
+    biggest = max(cells, key=lambda k: cm[k[0]][k[1]])
+    assert cells[biggest].get_color() == "white" and cells[(len(names) // 2, 0)].get_color() == "black"
+    # The right panel divides each row by its true-class count: recall on the diagonal.
+    recall = {(i, i): cm[i][i] / sum(cm[i]) for i in range(len(names)) if sum(cm[i])}
+    shown = {(int(t.get_position()[1]), int(t.get_position()[0])): t.get_text() for t in normalised.texts}
+    assert all(shown[k] == f"{v:.2f}" for k, v in recall.items())
+    assert not any(k[0] == len(names) // 2 for k in shown)  # a class without samples has no share
+
+
+def test_confusion_figure_of_many_classes_drops_cell_values_and_thins_labels():
+    pytest.importorskip("matplotlib")
+    from resnet_fast.training.metrics import confusion_figure
+
+    names = [f"class {i}" for i in range(75)]
+    for ax in [ax for ax in confusion_figure(_random_confusion(75), names).axes if ax.images]:
+        assert not ax.texts
+        labels = [t.get_text() for t in ax.get_xticklabels()]
+        assert 10 <= len(labels) <= 30 and set(labels) <= set(names)
+
+
+def test_confusion_pictures_are_written_as_png_and_svg(tmp_path):
+    pytest.importorskip("matplotlib")
+    from resnet_fast.training.metrics import save_confusion_png
+
+    names = ["left", "right", "straight on"]
+    written = save_confusion_png(_random_confusion(3), names, str(tmp_path / "cm.png"))
+    assert written == [str(tmp_path / "cm.png"), str(tmp_path / "cm.svg")]
+    assert (tmp_path / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg_text = "".join(ET.parse(tmp_path / "cm.svg").getroot().itertext())
+    assert all(name in svg_text for name in names + ["predicted", "true"])
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    """As if matplotlib were not installed."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_confusion_pictures_without_matplotlib_say_how_to_get_them(no_matplotlib, tmp_path):
+    from resnet_fast.training.metrics import save_confusion_png
+
+    with pytest.warns(UserWarning, match=r"pip install matplotlib.*resnet_fast\[train\]"):
+        assert save_confusion_png(_random_confusion(4), list("abcd"), str(tmp_path / "cm.png")) == []
+    assert not any(tmp_path.iterdir())
+
+
+def test_eval_without_matplotlib_still_writes_its_metrics(no_matplotlib, pretrained, tmp_path):
+    with pytest.warns(UserWarning, match="pip install matplotlib"):
+        assert _run_cli("eval", "--weights", str(pretrained / "last.pt"), "--output", str(tmp_path),
+                        "--no-progress") == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["top1"] > 0.9
+    assert not list(tmp_path.glob("confusion_matrix.*g"))
 
 
 def test_predict_names_the_classes_of_digit_images(pretrained, tmp_path, capsys):

@@ -1,6 +1,8 @@
 """Loading weights (files, checkpoints, torchvision enums) and converting
 torchvision models, with clear errors for what does not fit."""
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -43,18 +45,85 @@ def test_weights_argument_loads_every_form(tmp_path, tv18, form):
     _check_same_outputs(resnet_fast.resnet18(weights=source, num_classes=7), tv18)
 
 
-def test_torchvision_weights_enum_from_local_cache(tmp_path, monkeypatch, tv18):
+@pytest.fixture
+def cached_resnet18(tmp_path, monkeypatch):
+    """torchvision's resnet18 (random, 1000 classes) in a fresh torch.hub
+    cache under the name of torchvision's IMAGENET1K_V1 file: read from
+    there, never downloaded."""
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="does not download"):
-        resnet_fast.resnet18(weights=weights)
-    full = torchvision.models.resnet18()  # 1000 classes, like the enum's metadata
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    full = torchvision.models.resnet18()
     randomize_batchnorm_(full)
     os.makedirs(tmp_path / "hub" / "checkpoints")
     torch.save(full.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(weights.url))
-    ours = resnet_fast.resnet18(weights=weights)
-    assert ours.fc.out_features == len(weights.meta["categories"])
-    _check_same_outputs(ours, full)
+    return full.eval()
+
+
+@pytest.mark.parametrize("form", ["enum", "DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1", "url"])
+def test_torchvision_weights_by_enum_name_or_url(cached_resnet18, form):
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    given = {"enum": weights, "url": weights.url}.get(form, form)
+    ours = resnet_fast.resnet18(weights=given)
+    assert ours.fc.out_features == len(weights.meta["categories"])  # num_classes from the categories
+    _check_same_outputs(ours, cached_resnet18)
+    assert torch.equal(resnet_fast.read_state_dict("ResNet18_Weights.DEFAULT")["fc.weight"],
+                       cached_resnet18.fc.weight)
+
+
+def test_weights_backbone_drops_the_head(cached_resnet18):
+    backbone = resnet_fast.resnet18(weights="DEFAULT", features_only=True, out_indices=(2, 4)).eval()
+    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [128, 512]
+
+
+@pytest.mark.parametrize("builder, weights, message", [
+    ("resnet50", "ResNet18_Weights.DEFAULT", "are not weights for resnet50: use ResNet50_Weights"),
+    ("resnet50", torchvision.models.ResNet18_Weights.IMAGENET1K_V1, "are not weights for resnet50"),
+    ("resnet18", "IMAGENET1K_V9", "has no weights named 'IMAGENET1K_V9'; choose one of DEFAULT, IMAGENET1K_V1"),
+    ("resnet18", "Nonsense_Weights.DEFAULT", "not weights for resnet18"),
+])
+def test_weights_for_another_network_are_refused(cached_resnet18, builder, weights, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(resnet_fast, builder)(weights=weights)
+
+
+def test_num_classes_must_fit_the_weights_categories(cached_resnet18):
+    with pytest.raises(ValueError, match=r"num_classes=10 does not fit the resnet18 weights .*1000 classes.*exclude"):
+        resnet_fast.resnet18(weights="DEFAULT", num_classes=10)
+    few = resnet_fast.load_weights(resnet_fast.resnet18(num_classes=10), "ResNet18_Weights.DEFAULT", exclude=("fc.",))
+    assert torch.equal(few.conv1.weight, cached_resnet18.conv1.weight)
+
+
+def test_a_bare_name_needs_a_network():
+    with pytest.raises(ValueError, match="without saying for which network"):
+        resnet_fast.read_state_dict("DEFAULT")
+
+
+def test_timm_hub_name_reads_huggingface_hubs_cache(tmp_path, tv18):
+    """weights="timm/<model>" through huggingface_hub, offline, from a cache
+    laid out as huggingface_hub lays it out."""
+    pytest.importorskip("huggingface_hub")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--timm--resnet18.tiny_test"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tv18.state_dict().items()},
+              str(repo / "snapshots" / commit / "model.safetensors"))
+    script = (
+        "import torch, resnet_fast\n"
+        "m = resnet_fast.resnet18(weights='timm/resnet18.tiny_test', num_classes=7)\n"
+        "print(float(m.fc.weight.sum()))\n"
+        "try:\n"
+        "    resnet_fast.resnet18(weights='timm/resnet18.not_cached')\n"
+        "except RuntimeError as exc:\n"
+        "    print('ERROR', exc)\n"
+    )
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, error = out.stdout.strip().splitlines()[-2:]
+    assert float(first) == pytest.approx(float(tv18.fc.weight.detach().sum()), rel=1e-6)
+    assert error.startswith("ERROR could not get the weights of timm/resnet18.not_cached from the Hugging Face hub")
 
 
 def test_mismatched_weights_list_the_keys(tmp_path, tv18):
@@ -95,7 +164,7 @@ def test_files_that_are_not_state_dicts_are_rejected(tmp_path, tv18, content, me
 def test_missing_file_and_bad_types():
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         resnet_fast.resnet18(weights="/nonexistent/weights.pth")
-    with pytest.raises(TypeError, match="weights must be a file path"):
+    with pytest.raises(TypeError, match="weights must be a torchvision weights enum or its name, a URL, a file path"):
         resnet_fast.resnet18(weights=3)
     with pytest.raises(ValueError, match="conflicts with this architecture"):
         resnet_fast.resnext50_32x4d(groups=4)

@@ -1,5 +1,5 @@
-"""Reading weights files safely (no download, no arbitrary unpickling) and
-loading them with errors that say exactly what does not fit."""
+"""Reading weights files safely (no arbitrary unpickling, checksums verified)
+and loading them with errors that say exactly what does not fit."""
 import os
 import zipfile
 from typing import Any, Dict, Mapping, Sequence, Union
@@ -7,23 +7,12 @@ from typing import Any, Dict, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .pretrained import resolve_weights
+
 WeightsSource = Union[str, "os.PathLike[str]", Mapping[str, Tensor], Any]
 
 # Keys under which training scripts commonly nest the model's state_dict.
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
-
-
-def _cached_torchvision_file(weights: Any) -> str:
-    """The local file of a torchvision weights enum, which must already be in
-    torch.hub's cache: nothing is downloaded."""
-    filename = os.path.basename(weights.url)
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"weights {weights} are not in the local cache ({path}); resnet_fast does not download. "
-            f"Place the file there, or pass weights='path/to/{filename}'"
-        )
-    return path
 
 
 def _check_zip_checksums(path: str) -> None:
@@ -61,26 +50,20 @@ def _read_file(path: str) -> Any:
 
 
 def read_state_dict(weights: WeightsSource) -> Dict[str, Tensor]:
-    """A state_dict from a path (.pth/.pt/.safetensors), a mapping, or a
-    torchvision weights enum whose file is in the local cache.
+    """A state_dict from a path (.pth/.pt/.safetensors), a mapping, a URL, a
+    torchvision weights enum or its qualified name ("ResNet50_Weights.DEFAULT"),
+    or a hub name ("timm/resnet50.a1_in1k"); see pretrained.resolve_weights.
 
     Checkpoints that nest the model under "state_dict"/"model" are unwrapped,
     and DistributedDataParallel's "module." prefix is removed.
     """
-    if isinstance(weights, Mapping):
-        data: Any = weights
+    source = resolve_weights(weights).source
+    if isinstance(source, Mapping):
+        data: Any = source
         origin = "the given mapping"
     else:
-        if hasattr(weights, "url") and hasattr(weights, "meta"):
-            path = _cached_torchvision_file(weights)
-        elif isinstance(weights, (str, os.PathLike)):
-            path = os.fspath(weights)
-        else:
-            raise TypeError(
-                f"weights must be a file path, a state_dict or a torchvision weights enum, got {type(weights).__name__}"
-            )
-        data = _read_file(path)
-        origin = path
+        data = _read_file(source)
+        origin = source
     for key in _NESTED_KEYS:
         if isinstance(data, Mapping) and key in data and isinstance(data[key], Mapping):
             data = data[key]

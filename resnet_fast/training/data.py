@@ -14,7 +14,7 @@ resumed run sees exactly what an uninterrupted one would.
 """
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -36,13 +36,36 @@ class Preprocess:
     image_size: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    # Evaluation resizes the shorter side to this before the center crop
+    # (default image_size / 0.875; pretrained weights name their own).
+    resize_size: Optional[int] = None
 
     def as_dict(self) -> Dict:
-        return {"kind": self.kind, "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+        return {"kind": self.kind, "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "resize_size": self.resize_size}
 
     @classmethod
     def from_dict(cls, d: Dict) -> "Preprocess":
-        return cls(d["kind"], int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]))
+        resize = d.get("resize_size")
+        return cls(d["kind"], int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   None if resize is None else int(resize))
+
+    @classmethod
+    def of_weights(cls, weights: Any, image_size: Optional[int] = None) -> "Preprocess":
+        """The preprocessing of torchvision weights (their transforms():
+        resize, center crop, mean, std), at image_size if given (the resize
+        scaled with it)."""
+        transform = weights.transforms()
+        crop, resize = _first(transform.crop_size), _first(transform.resize_size)
+        size = image_size or crop
+        return cls("folder", size, tuple(transform.mean), tuple(transform.std), int(round(resize * size / crop)))
+
+    def eval_resize(self) -> int:
+        return self.resize_size or int(round(self.image_size / 0.875))
+
+
+def _first(size: Any) -> int:
+    return int(size[0]) if isinstance(size, (list, tuple)) else int(size)
 
 
 @dataclass
@@ -244,7 +267,7 @@ def eval_transform(pre: Preprocess) -> Callable[[Tensor], Tensor]:
 
     resize = []
     if pre.kind != "digits":
-        resize = [v2.Resize(int(round(pre.image_size / 0.875)), antialias=True), v2.CenterCrop(pre.image_size)]
+        resize = [v2.Resize(pre.eval_resize(), antialias=True), v2.CenterCrop(pre.image_size)]
     return v2.Compose([*resize, v2.ToDtype(torch.float32, scale=True), v2.Normalize(pre.mean, pre.std)])
 
 

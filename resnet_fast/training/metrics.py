@@ -1,10 +1,17 @@
 """Classification metrics from logits and targets: top-k accuracy,
-per-class precision / recall / F1, and the confusion matrix (as JSON and as
-a PNG picture)."""
-from typing import Dict, List, Sequence
+per-class precision / recall / F1, and the confusion matrix (as JSON, and
+as PNG and SVG pictures drawn with matplotlib when it is installed)."""
+import os
+import warnings
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from torch import Tensor
+
+INSTALL_HINT = "pip install matplotlib, or pip install 'resnet_fast[train]'"
+MAX_ANNOTATED_CLASSES = 30  # beyond this, no values in the cells
+MAX_TICK_LABELS = 30  # beyond this, every k-th class name only
+MAX_LABEL_CHARS = 24
 
 
 def topk_correct(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> Dict[int, int]:
@@ -71,30 +78,135 @@ def format_report(report: Dict) -> str:
     return "\n".join(lines)
 
 
-def save_confusion_png(matrix: Sequence[Sequence[int]], class_names: List[str], path: str,
-                       cell: int = 40) -> None:
-    """The confusion matrix as a heat map: rows are true classes, columns
-    predictions, each cell shaded by its share of the row, with its count."""
-    from PIL import Image, ImageDraw
+def _cell_text_colour(cmap, norm, value: float) -> str:
+    """Black on light cells, white on dark ones (by the cell's luminance)."""
+    r, g, b, _ = cmap(norm(value))
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.5 else "white"
 
+
+def _short(name: str) -> str:
+    return name if len(name) <= MAX_LABEL_CHARS else name[:MAX_LABEL_CHARS - 1] + "…"
+
+
+def _label_font_size(n: int) -> int:
+    return 9 if n <= 10 else 7
+
+
+def _cell_font_size(n: int) -> int:
+    return 9 if n <= 10 else 8 if n <= 20 else 6
+
+
+def _label_inches(class_names: List[str]) -> float:
+    """About how far the longest (shortened) class name reaches."""
+    longest = max(len(_short(name)) for name in class_names)
+    return 0.08 * longest * _label_font_size(len(class_names)) / 9
+
+
+def _label_axes(ax, class_names: List[str]) -> None:
+    """Class names on both axes, every k-th one for many classes; the column
+    names slanted when long."""
     n = len(class_names)
-    label_w = min(160, 8 * max(len(c) for c in class_names) + 10)
-    margin_top = 30
-    img = Image.new("RGB", (label_w + n * cell + 10, margin_top + label_w + n * cell), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((label_w, 5), "predicted ->  (rows: true class)", fill="black")
-    for i, row in enumerate(matrix):
-        row_total = max(1, sum(row))
-        for j, count in enumerate(row):
-            share = count / row_total
-            shade = int(255 * (1 - share))
-            x0, y0 = label_w + j * cell, margin_top + label_w + i * cell
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=(shade, shade, 255), outline="gray")
-            if count:
-                draw.text((x0 + 4, y0 + cell // 2 - 5), str(count), fill="white" if share > 0.5 else "black")
-    for k, name in enumerate(class_names):
-        draw.text((4, margin_top + label_w + k * cell + cell // 2 - 5), name[:20], fill="black")
-        column = Image.new("RGB", (label_w, cell), "white")
-        ImageDraw.Draw(column).text((4, cell // 2 - 5), name[:20], fill="black")
-        img.paste(column.rotate(90, expand=True), (label_w + k * cell, margin_top))
-    img.save(path)
+    step = -(-n // MAX_TICK_LABELS)
+    ticks = list(range(0, n, step))
+    names = [_short(class_names[i]) for i in ticks]
+    slanted = max(len(name) for name in names) > 3
+    size = _label_font_size(n)
+    ax.set_xticks(ticks, names, fontsize=size, rotation=45 if slanted else 0,
+                  ha="right" if slanted else "center", rotation_mode="anchor")
+    ax.set_yticks(ticks, names, fontsize=size)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+
+
+def _finite_cells(values):
+    import numpy as np
+
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            yield (i, j), value
+
+
+def _count_text(value: float) -> str:
+    return str(int(value))
+
+
+def _share_text(value: float) -> str:
+    return "0" if value == 0 else f"{value:.2f}"
+
+
+def _heat_map(fig, ax, values, title: str, colour_label: str, cell_text: Callable[[float], str], vmax: float,
+              annotate: bool) -> None:
+    """One panel: the matrix as an image, its colour bar, and (for few
+    classes) each cell's value."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    cmap = colormaps["Blues"].with_extremes(bad="0.85")  # grey: a class with no samples
+    norm = Normalize(0, vmax)
+    image = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=colour_label, shrink=0.8)
+    ax.set_title(title, fontsize=11)
+    if annotate:
+        size = _cell_font_size(len(values))
+        for (i, j), value in _finite_cells(values):
+            ax.text(j, i, cell_text(value), ha="center", va="center", fontsize=size,
+                    color=_cell_text_colour(cmap, norm, value))
+
+
+def row_normalised(counts):
+    """Each row divided by its true-class count (recall on the diagonal);
+    rows of classes with no samples are NaN."""
+    import numpy as np
+
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, counts / totals, np.nan)
+
+
+def confusion_figure(matrix: Sequence[Sequence[int]], class_names: List[str]):
+    """The confusion matrix as a matplotlib Figure (Agg canvas, no pyplot):
+    the counts, and each row as a share of its true class, side by side,
+    each with its colour bar. Rows are true classes, columns predictions."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(matrix, dtype=np.int64)
+    n = len(class_names)
+    if counts.shape != (n, n):
+        raise ValueError(f"a {counts.shape} matrix for {n} class names")
+    side = min(10.0, max(3.5, 0.42 * n + 1.5))  # inches per matrix
+    labels = _label_inches(class_names)
+    # Each panel: names on the left, the matrix, its colour bar; the slanted names below.
+    fig = Figure(figsize=(2 * (labels + side + 1.3), side + 0.75 * labels + 1.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    annotate = n <= MAX_ANNOTATED_CLASSES
+    _heat_map(fig, left, counts, "counts", "samples", _count_text, max(1, int(counts.max())), annotate)
+    _heat_map(fig, right, row_normalised(counts), "share of the true class (recall on the diagonal)",
+              "share of the row", _share_text, 1.0, annotate)
+    for ax in (left, right):
+        _label_axes(ax, class_names)
+    fig.suptitle(f"confusion matrix, {int(counts.sum())} samples, {n} classes")
+    return fig
+
+
+def save_confusion_png(matrix: Sequence[Sequence[int]], class_names: List[str], path: str) -> List[str]:
+    """The confusion matrix as pictures: <stem>.png and <stem>.svg, the stem
+    being `path` without its extension (see confusion_figure). Returns the
+    files written; without matplotlib, none (with a warning saying how to
+    get them)."""
+    try:
+        from matplotlib import rc_context
+    except ImportError as error:
+        warnings.warn(f"confusion matrix pictures not drawn: matplotlib is not available ({error}); {INSTALL_HINT}",
+                      stacklevel=2)
+        return []
+    fig = confusion_figure(matrix, class_names)
+    stem = os.path.splitext(path)[0]
+    paths = [stem + ".png", stem + ".svg"]
+    fig.savefig(paths[0], dpi=100)
+    # Text stays text (searchable, smaller); no date and fixed ids: same matrix, same file.
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "resnet_fast"}):
+        fig.savefig(paths[1], metadata={"Date": None})
+    return paths

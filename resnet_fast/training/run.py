@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from ..models import builders
+from ..models.pretrained import ResolvedWeights, resolve_weights
 from ..models.weights import load_weights, read_state_dict
 from ..sync_batchnorm import convert_sync_batchnorm
 from . import distributed
@@ -19,7 +20,7 @@ from .data import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, Split, Transformed, 
                    load_split, train_transform)
 from .engine import predict_logits, train_one_epoch
 from .finetune import apply_freeze, count_trainable, parse_freeze
-from .metrics import classification_report, format_report, save_confusion_png
+from .metrics import classification_report, format_report, save_confusion_png, topk_correct
 from .optim import make_optimizer, param_groups, warmup_cosine
 
 
@@ -68,13 +69,18 @@ def train(args) -> Dict:
         distributed.teardown()
 
 
-def _prepare_model(args, ctx, num_classes: int, resume: Optional[Dict]) -> nn.Module:
+def _resolve(args) -> ResolvedWeights:
+    """args.weights for args.arch: a file, a URL, a torchvision weights name
+    ("DEFAULT", "IMAGENET1K_V2", ...) or a hub name."""
+    return resolve_weights(args.weights, args.arch, progress=getattr(args, "progress", True))
+
+
+def _prepare_model(args, ctx, num_classes: int, pretrained: Optional[ResolvedWeights]) -> nn.Module:
     torch.manual_seed(args.seed)
     model = _build(args.arch, num_classes, args.backend)
-    weights = getattr(args, "weights", None)
-    if weights is not None and resume is None:
-        load_weights(model, weights, exclude=("fc.",))  # the head is new: the dataset's classes
-        _log(ctx, f"loaded {weights} (all but the head)")
+    if pretrained is not None:
+        load_weights(model, pretrained.source, exclude=("fc.",))  # the head is new: the dataset's classes
+        _log(ctx, f"loaded {args.weights} (all but the head)")
     freeze = getattr(args, "freeze", "none")
     apply_freeze(model, freeze)
     if args.sync_bn and ctx.distributed:
@@ -102,6 +108,11 @@ def _train(args, ctx) -> Dict:
         )
     val_split = load_split(args.data, "val", args.image_size, class_names=train_split.class_names)
     pre = train_split.preprocess
+    if resume is not None:  # the run's own preprocessing
+        pre = Preprocess.from_dict(resume["preprocess"])
+    pretrained = _resolve(args) if getattr(args, "weights", None) is not None and resume is None else None
+    if pretrained is not None and pretrained.torchvision_weights is not None and pre.kind == "folder":
+        pre = Preprocess.of_weights(pretrained.torchvision_weights, args.image_size)  # as the weights were trained
     train_loader = _loader(train_split, train_transform(pre), args.batch_size, args.workers, True, args.seed, ctx,
                            drop_last=True)
     val_loader = _loader(val_split, eval_transform(pre), args.batch_size, args.workers, False, args.seed, ctx,
@@ -112,7 +123,7 @@ def _train(args, ctx) -> Dict:
             f"({ctx.world_size} process(es)): lower --batch-size"
         )
 
-    model = _prepare_model(args, ctx, len(train_split.class_names), resume)
+    model = _prepare_model(args, ctx, len(train_split.class_names), pretrained)
     backbone_lr = args.lr if args.backbone_lr is None else args.backbone_lr
     optimizer = make_optimizer(args.opt, param_groups(model, args.lr, backbone_lr, args.weight_decay))
     steps = args.epochs * len(train_loader)
@@ -201,9 +212,10 @@ def _training_checkpoint(path: str) -> Optional[Dict]:
     return obj if is_training_checkpoint(obj) else None
 
 
-def _model_from_weights(args, num_classes: Optional[int]) -> nn.Module:
-    """args.arch with a plain weights file; its head must fit num_classes."""
-    state = read_state_dict(args.weights)
+def _model_from_weights(args, weights: ResolvedWeights, num_classes: Optional[int]) -> nn.Module:
+    """args.arch with plain (non-checkpoint) weights; its head must fit
+    num_classes when that is given."""
+    state = read_state_dict(weights.source)
     outputs = _head_outputs(state)
     if num_classes is not None and outputs is not None and outputs != num_classes:
         raise ValueError(
@@ -214,8 +226,52 @@ def _model_from_weights(args, num_classes: Optional[int]) -> nn.Module:
     return load_weights(_build(args.arch, outputs or num_classes or 1000, args.backend), state)
 
 
+def _has_original_head(model: nn.Module, weights: ResolvedWeights) -> bool:
+    """The weights name their classes (meta["categories"]) and the model
+    still has that head."""
+    return weights.categories is not None and model.fc.out_features == len(weights.categories)
+
+
+def _is_digits(data: Optional[str]) -> bool:
+    return data is None or data == "digits" or data.startswith("digits:")
+
+
 def _model_from_checkpoint(ckpt: Dict, backend: Optional[str]) -> nn.Module:
     return load_weights(_build(ckpt["arch"], len(ckpt["class_names"]), backend), ckpt["model"])
+
+
+def _weights_preprocess(weights: ResolvedWeights, image_size: Optional[int]) -> Preprocess:
+    if weights.torchvision_weights is not None:
+        return Preprocess.of_weights(weights.torchvision_weights, image_size)
+    return Preprocess("folder", image_size or 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _split_of_categories(args, image_size: int, categories: List[str]) -> Split:
+    try:
+        return load_split(args.data, args.split, image_size, class_names=categories)
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc}. With the weights' own head, the class folders must be named by its categories "
+            f"(meta['categories'], e.g. {categories[0]!r}); to evaluate on other classes, fine-tune first "
+            f"(resnet-fast finetune --weights {args.weights} --data {args.data})"
+        ) from exc
+
+
+def _all_classes(logits: torch.Tensor, targets: torch.Tensor, class_names: List[str]) -> Dict:
+    return classification_report(logits, targets, class_names)
+
+
+def _seen_classes(logits: torch.Tensor, targets: torch.Tensor, class_names: List[str]) -> Dict:
+    """The report over the classes that occur in the data or the predictions
+    (as scikit-learn's classification_report), for a head with many more
+    classes than the data has (ImageNet's 1000); top-k over all of them."""
+    seen = sorted(set(targets.tolist()) | set(logits.argmax(1).tolist()))
+    remap = torch.full((logits.shape[1],), -1, dtype=torch.long)
+    remap[seen] = torch.arange(len(seen))
+    report = classification_report(logits[:, seen], remap[targets], [class_names[i] for i in seen])
+    correct = topk_correct(logits, targets, (1, 5))
+    report["top1"], report["top5"] = correct[1] / len(targets), correct[5] / len(targets)
+    return report
 
 
 def evaluate(args) -> Dict:
@@ -227,25 +283,38 @@ def evaluate(args) -> Dict:
         if args.data is None:  # the data the checkpoint was trained on
             args.data = ckpt["config"].get("data")
         split = load_split(args.data, args.split, pre.image_size, class_names=class_names)
+        report_classes = _all_classes
     else:
-        split = load_split(args.data, args.split, args.image_size)
-        model = _model_from_weights(args, len(split.class_names))
-        class_names, pre = split.class_names, split.preprocess
+        weights = _resolve(args)
+        if weights.categories is not None and not _is_digits(args.data):
+            # The weights' own head: the data's class folders are some of its categories.
+            model = _model_from_weights(args, weights, len(weights.categories))
+            class_names = weights.categories
+            pre = _weights_preprocess(weights, args.image_size)
+            split = _split_of_categories(args, pre.image_size, class_names)
+            report_classes = _seen_classes
+        else:
+            split = load_split(args.data, args.split, args.image_size)
+            model = _model_from_weights(args, weights, len(split.class_names))
+            class_names, pre = split.class_names, split.preprocess
+            report_classes = _all_classes
     model.to(device, memory_format=torch.channels_last)
     ctx = distributed.Context(0, 1, 0, device)
     loader = _loader(split, eval_transform(pre), args.batch_size, args.workers, False, 0, ctx, drop_last=False)
     logits, targets, unreadable = predict_logits(model, loader, device, args.amp, args.progress)
     _report_unreadable(ctx, unreadable, f"{args.data}/{args.split}")
-    report = classification_report(logits, targets, class_names)
+    report = report_classes(logits, targets, class_names)
     report["unreadable_images"] = unreadable
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "eval.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(args.output, "confusion_matrix.json"), "w") as f:
-        json.dump({"class_names": class_names, "matrix": report["confusion_matrix"]}, f)
-    save_confusion_png(report["confusion_matrix"], class_names, os.path.join(args.output, "confusion_matrix.png"))
+        json.dump({"class_names": report["class_names"], "matrix": report["confusion_matrix"]}, f)
+    pictures = save_confusion_png(report["confusion_matrix"], report["class_names"],
+                                  os.path.join(args.output, "confusion_matrix.png"))
     print(format_report(report))
-    print(f"wrote {args.output}/eval.json, confusion_matrix.json, confusion_matrix.png")
+    written = ["eval.json", "confusion_matrix.json", *(os.path.basename(p) for p in pictures)]
+    print(f"wrote {args.output}/" + ", ".join(written))
     return report
 
 
@@ -256,9 +325,11 @@ def predict(args) -> List[Dict]:
         model, class_names = _model_from_checkpoint(ckpt, args.backend), ckpt["class_names"]
         pre = Preprocess.from_dict(ckpt["preprocess"])
     else:
-        model = _model_from_weights(args, None)
-        class_names = [str(i) for i in range(model.fc.out_features)]
-        pre = Preprocess("folder", args.image_size or 224, IMAGENET_MEAN, IMAGENET_STD)
+        weights = _resolve(args)
+        model = _model_from_weights(args, weights, None)
+        original = _has_original_head(model, weights)
+        class_names = weights.categories if original else [str(i) for i in range(model.fc.out_features)]
+        pre = _weights_preprocess(weights, args.image_size)
     model.to(device).eval()
     k = min(args.topk, len(class_names))
     results = []
