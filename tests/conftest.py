@@ -79,6 +79,24 @@ def channels_last(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
+@pytest.fixture
+def cached_resnet18(tmp_path, monkeypatch):
+    """torchvision's resnet18 (random weights and BatchNorm statistics, 1000
+    classes), saved in a fresh torch.hub cache under the file name of
+    torchvision's ResNet18_Weights.IMAGENET1K_V1: builders read it from there
+    and never download. Returns the model, in eval mode."""
+    torchvision = pytest.importorskip("torchvision")
+    from resnet_fast.testing import randomize_batchnorm_
+
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    model = torchvision.models.resnet18()
+    randomize_batchnorm_(model)
+    os.makedirs(tmp_path / "hub" / "checkpoints")
+    torch.save(model.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(weights.url))
+    return model.eval()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

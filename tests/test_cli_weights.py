@@ -16,22 +16,11 @@ from torchvision.transforms.v2.functional import pil_to_tensor  # noqa: E402
 
 from resnet_fast.cli import main  # noqa: E402
 from resnet_fast.models import download  # noqa: E402
-from resnet_fast.testing import randomize_batchnorm_  # noqa: E402
 from resnet_fast.training.checkpoint import load_checkpoint  # noqa: E402
 from resnet_fast.training.data import Preprocess, image_file_to_input  # noqa: E402
 
 WEIGHTS = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
 CATEGORIES = WEIGHTS.meta["categories"]
-
-
-@pytest.fixture
-def cached_resnet18(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    model = torchvision.models.resnet18()
-    randomize_batchnorm_(model)
-    os.makedirs(tmp_path / "hub" / "checkpoints")
-    torch.save(model.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(WEIGHTS.url))
-    return model.eval()
 
 
 def _photo(path, seed: int, size=(83, 61)) -> str:

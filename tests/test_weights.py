@@ -45,20 +45,6 @@ def test_weights_argument_loads_every_form(tmp_path, tv18, form):
     _check_same_outputs(resnet_fast.resnet18(weights=source, num_classes=7), tv18)
 
 
-@pytest.fixture
-def cached_resnet18(tmp_path, monkeypatch):
-    """torchvision's resnet18 (random, 1000 classes) in a fresh torch.hub
-    cache under the name of torchvision's IMAGENET1K_V1 file: read from
-    there, never downloaded."""
-    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    full = torchvision.models.resnet18()
-    randomize_batchnorm_(full)
-    os.makedirs(tmp_path / "hub" / "checkpoints")
-    torch.save(full.state_dict(), tmp_path / "hub" / "checkpoints" / os.path.basename(weights.url))
-    return full.eval()
-
-
 @pytest.mark.parametrize("form", ["enum", "DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1", "url"])
 def test_torchvision_weights_by_enum_name_or_url(cached_resnet18, form):
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
