@@ -788,7 +788,11 @@ def test_second_order_meta_learning_step():
         outer.backward()
         return outer.detach(), model.conv1.weight.grad, model.layer2[1].bn2.bias.grad
 
-    both_work(script, 1e-3)
+    # Here fp32 itself is far from float64 (both libraries' first-layer
+    # gradients are >100% off it), and the two fp32 runs agree to ~1e-3 or
+    # a little more, depending on the CPU's rounding; a second-order formula
+    # that is wrong is off by order one.
+    both_work(script, 1e-2)
 
 
 def test_vmap_over_a_batch_of_batches():

