@@ -27,6 +27,8 @@ CONV_CASES = {
     "dilated": (2, 8, 12, 10, 8, 3, 1, 2, 2, 1),
     # layer4 of a ResNet on a 32x32 image: a single output pixel (+ residual)
     "3x3_single_pixel": (2, 8, 1, 1, 12, 3, 1, 1, 1, 1),
+    # a single output channel (+ residual): NHWC strides as ambiguous as above
+    "1x1_one_output_channel": (1, 2, 1, 3, 1, 1, 1, 0, 1, 1),
 }
 
 

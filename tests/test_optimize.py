@@ -78,7 +78,10 @@ def test_optimize_keeps_dtype_and_device():
         resnet_fast.optimize(model, backend="reference")
         assert model.backend == "reference" and model.layer1[0].backend == "reference"
         assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in model.parameters())
-        assert_rel(model(x), expected, dtype=torch.bfloat16)
+        # Two whole bf16 networks that round differently (folded weights are
+        # rounded once to bf16, torchvision rounds after the conv and again
+        # after BatchNorm): 3e-2, as the drop-in tests hold whole bf16 models.
+        assert_rel(model(x), expected, dtype=torch.bfloat16, factor=3)
 
 
 def test_optimize_timm_resnet_keeps_timm_api_and_reverts():

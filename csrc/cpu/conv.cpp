@@ -67,9 +67,11 @@ at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const
   if (onednn_fuses(x_in)) {
     const at::Tensor w = weight.is_mkldnn() ? weight : weight.contiguous(at::MemoryFormat::ChannelsLast);
     // Some oneDNN builds (torch 2.11's) cannot create the fused residual add
-    // for a single-pixel output ("could not create a memory"); there the
-    // residual is added after the convolution, which costs nothing at that size.
-    const bool fuse_residual = residual.has_value() && residual->size(2) * residual->size(3) > 1;
+    // when the residual's NHWC strides are ambiguous, a single pixel or a
+    // single channel ("could not create a memory"); there the residual is
+    // added after the convolution, which costs little at those sizes.
+    const bool fuse_residual =
+        residual.has_value() && residual->size(1) > 1 && residual->size(2) * residual->size(3) > 1;
     const bool fuse_relu =
         relu && (fuse_residual || !residual.has_value()) && finite_operands(x_in, weight, bias, residual);
     // oneDNN picks its output layout from the input's strides, which are
