@@ -5,6 +5,7 @@
 """
 import argparse
 import sys
+from typing import List, Optional
 
 import torch
 
@@ -25,7 +26,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=None,
                         help="batch of the per-layer runs (default: 8 on CPU, 32 on GPU)")
     parser.add_argument("--batches", default=None,
-                        help="comma-separated eval batches of the whole-model runs (default: 1,8 on CPU, 1,32,256 on GPU)")
+                        help="comma-separated eval batches of the whole-model runs (default: 1,8,16 on CPU, 1,32,256 on GPU)")
+    parser.add_argument("--bf16-batches", default=None,
+                        help="comma-separated eval batches of a second whole-model section with model and input in "
+                             "bfloat16, when --dtype is float32 (default: 1 on CPU, none on GPU; '' skips it)")
     parser.add_argument("--train-batch", type=int, default=None,
                         help="batch of the training-step run (default: 8 on CPU, 128 on GPU; 0 skips it)")
     parser.add_argument("--train-size", type=int, default=None, help="image size of the training step "
@@ -46,18 +50,27 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.batch is not None and args.batch < 1:
         parser.error("--batch must be at least 1")
-    if args.batches is not None:
-        try:
-            args.batches = [int(b) for b in args.batches.split(",")]
-        except ValueError:
-            parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
-        if not args.batches or min(args.batches) < 1:
-            parser.error("--batches must be positive")
+    args.batches = _batches(parser, "--batches", args.batches, allow_empty=False)
+    args.bf16_batches = _batches(parser, "--bf16-batches", args.bf16_batches, allow_empty=True)
     if args.train_batch is not None and args.train_batch < 0:
         parser.error("--train-batch must be at least 0")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
+
+
+def _batches(parser, flag: str, text: Optional[str], allow_empty: bool) -> Optional[List[int]]:
+    if text is None:
+        return None
+    if allow_empty and not text.strip():
+        return []
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} must be comma-separated integers, got {text!r}")
+    if not batches or min(batches) < 1:
+        parser.error(f"{flag} must be positive")
+    return batches
 
 
 def main(argv=None) -> int:
@@ -70,12 +83,14 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     models = args.models if args.models is not None else "resnet18,resnet50" + (",resnet101" if gpu else "")
     batch = args.batch or (32 if gpu else 8)
-    batches = args.batches or ([1, 32, 256] if gpu else [1, 8])
+    batches = args.batches or ([1, 32, 256] if gpu else [1, 8, 16])
     train_batch = (128 if gpu else 8) if args.train_batch is None else args.train_batch
     train_size = args.train_size or (args.size if gpu else 112)
     dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
+    bf16_batches = [] if dtype != torch.float32 else args.bf16_batches if args.bf16_batches is not None else (
+        [] if gpu else [1])
     env = describe(device)
-    env["settings"] = vars(args) | {"models": models, "batch": batch, "batches": batches, "train_batch": train_batch,
+    env["settings"] = vars(args) | {"models": models, "batch": batch, "batches": batches, "bf16_batches": bf16_batches, "train_batch": train_batch,
                                     "train_size": train_size, "dtype": str(dtype)}
     print(f"benchmarking on {env['card']} ({device.type}), {dtype}", flush=True)
     env["ceiling"] = ceiling.measure(device)
@@ -100,6 +115,11 @@ def main(argv=None) -> int:
             rows += end_to_end.run(arch, b, args.size, dtype, device, not args.no_compile, args.repeats,
                                    flops, env["ceiling"], max_autotune=args.max_autotune and not args.no_compile,
                                    tune=args.tune)
+            save(args.out, env, rows, plot=False)
+        for b in bf16_batches:
+            print(f"  eval forward: {arch}, batch {b}, bfloat16", flush=True)
+            rows += end_to_end.run(arch, b, args.size, torch.bfloat16, device, not args.no_compile, args.repeats,
+                                   flops, None)
             save(args.out, env, rows, plot=False)
         if train_batch:
             print(f"  train step: {arch}, batch {train_batch}, {train_size}x{train_size}", flush=True)

@@ -107,7 +107,7 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
     if tune:
         # The plan was installed for this process only: forget it, so that
         # later backend=None models follow their saved plans (or none).
-        from resnet_fast.tuning import clear_loaded_plans
+        from resnet_fast.plans import clear_loaded_plans
 
         clear_loaded_plans()
     base = timings[BASELINE]["median_s"]

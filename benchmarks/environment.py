@@ -5,7 +5,7 @@ import platform
 
 import torch
 
-from resnet_fast.tuning import device_name
+from resnet_fast.plans import device_name
 
 
 def describe(device: torch.device) -> dict:

@@ -1,8 +1,9 @@
 """Timing helpers shared by the benchmarks: medians over repeated runs after
 warm-up, contenders interleaved round-robin on the same rotating inputs."""
+import ctypes
 import statistics
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -10,6 +11,30 @@ import torch
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _resident_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def cpu_peak_rise_mb(fn: Callable[[object], object], x: object) -> Optional[float]:
+    """How far resident memory rises above its level before the call while
+    fn(x) runs, in MiB (Linux: the kernel's high-water mark, reset through
+    /proc/self/clear_refs; memory the allocator holds free is handed back
+    first, so that it cannot hide a rise). None where that is unavailable."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _resident_kb("VmRSS")
+        fn(x)
+        return (_resident_kb("VmHWM") - before) / 1024
+    except (OSError, AttributeError):  # not Linux, or a libc without malloc_trim
+        return None
 
 
 def compare(
@@ -25,8 +50,9 @@ def compare(
     Every repetition runs each contender once, in turn, on the next item of
     `inputs` (rotated so that no contender is flattered by a warm cache), so
     drift in machine load affects all of them alike. `grad` keeps autograd
-    on (training steps). On a GPU the peak memory of each contender's
-    first run is recorded too.
+    on (training steps). The peak memory of each contender is recorded too:
+    on a GPU the allocator's peak in its first run, on the CPU how far
+    resident memory rises during its last warm-up run (cpu_peak_rise_mb).
     """
     times: Dict[str, List[float]] = {name: [] for name in contenders}
     peak_mb: Dict[str, float] = {}
@@ -37,6 +63,11 @@ def compare(
                 _sync(device)
                 if device.type == "cuda" and i == 0:
                     torch.cuda.reset_peak_memory_stats(device)
+                if device.type == "cpu" and i == warmup - 1:
+                    rise = cpu_peak_rise_mb(fn, x)
+                    if rise is not None:
+                        peak_mb[name] = rise
+                    continue
                 start = time.perf_counter()
                 fn(x)
                 _sync(device)

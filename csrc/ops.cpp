@@ -5,12 +5,35 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// Importing resnet_fast._C runs the static registrations below; the module
-// itself exposes nothing to Python.
+#include "cpu/cpu_ops.h"
+
+namespace {
+
+// _C.set_activations_known_finite(known: bool) -> bool, the previous value:
+// a network forward vouches (on this thread) that the activations its
+// layers see are finite, having checked its input once (see
+// resnet_fast/finite.py and csrc/cpu/conv.cpp).
+PyObject* set_activations_known_finite(PyObject*, PyObject* arg) {
+  const int known = PyObject_IsTrue(arg);
+  if (known < 0) return nullptr;
+  const bool previous = resnet_fast::cpu::activations_known_finite();
+  resnet_fast::cpu::set_activations_known_finite(known != 0);
+  return PyBool_FromLong(previous);
+}
+
+PyMethodDef methods[] = {
+    {"set_activations_known_finite", set_activations_known_finite, METH_O,
+     "Vouch (True) or stop vouching (False) that the activations reaching the CPU conv_bias_act on this thread "
+     "are finite; returns the previous setting."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// Importing resnet_fast._C runs the static registrations below.
 extern "C" {
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "resnet_fast compiled operators", -1, nullptr};
+      PyModuleDef_HEAD_INIT, "_C", "resnet_fast compiled operators", -1, methods};
   return PyModule_Create(&module_def);
 }
 }
@@ -20,6 +43,12 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "conv_bias_act(Tensor x, Tensor weight, Tensor bias, Tensor? residual, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+  // The same written into residual, for inference on the CPU (no CUDA
+  // kernel, no autograd): saves the output's allocation. Returns nothing,
+  // so that functionalization (torch.compile) can handle the mutation.
+  m.def(
+      "conv_bias_act_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> ()");
   // The fused epilogue alone: act(y + bias[c] + residual), NHWC output.
   m.def("bias_act(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
   // Backward of bias_act: grad_z = grad_out masked by out > 0 (empty when

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, tuning
+from . import ops, plans
 from .backends import resolve_backend
 from .sync_batchnorm import sync_bn_act_train, sync_is_active
 
@@ -79,6 +79,28 @@ def _tensor_key(t: Optional[Tensor]):
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
+_FOLD_SOURCES = (("weight", "bias"), ("weight", "bias", "running_mean", "running_var"))
+
+
+def _fold_sources(conv: nn.Module, norm: nn.Module) -> Tuple[Optional[Tensor], ...]:
+    """conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean,
+    norm.running_var, read from the modules' parameter and buffer tables
+    (what nn.Module's attribute lookup does, minus its cost: this runs for
+    every layer on every call), with getattr for anything kept elsewhere."""
+    found = []
+    for module, names in zip((conv, norm), _FOLD_SOURCES):
+        table = module.__dict__
+        parameters, buffers = table["_parameters"], table["_buffers"]
+        for name in names:
+            if name in parameters:
+                found.append(parameters[name])
+            elif name in buffers:
+                found.append(buffers[name])
+            else:
+                found.append(getattr(module, name))
+    return tuple(found)
+
+
 class FoldCache:
     """Folded (weight, bias) of one conv + eval-BN pair, reused across forwards,
     and the weight prepacked for oneDNN per input shape (CPU inference).
@@ -98,15 +120,20 @@ class FoldCache:
     MAX_PACKED_SHAPES = 4
 
     def __init__(self):
-        self._key = None
-        self._folded: Optional[Tuple[Tensor, Tensor]] = None
-        self._packed: "OrderedDict[Tuple[int, ...], Tensor]" = OrderedDict()
+        # (source key, (weight, bias), {input shape: packed weight}): replaced
+        # as a whole when the sources change, so that a reader without the
+        # lock sees one consistent entry.
+        self._entry: Optional[Tuple[tuple, Tuple[Tensor, Tensor], "OrderedDict[Tuple[int, ...], Tensor]"]] = None
         self._lock = threading.Lock()
+
+    @property
+    def _packed(self) -> "OrderedDict[Tuple[int, ...], Tensor]":
+        entry = self._entry
+        return OrderedDict() if entry is None else entry[2]
 
     def clear(self) -> None:
         with self._lock:
-            self._key, self._folded = None, None
-            self._packed.clear()
+            self._entry = None
 
     # Copies and pickles of a model start with an empty cache.
     def __getstate__(self):
@@ -118,34 +145,47 @@ class FoldCache:
     def folded(self, conv: nn.Conv2d, norm: nn.Module, prepack_for: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """(weight, bias) folded; with prepack_for (an input), the weight comes
         prepacked for inputs of its shape, where prepacking applies."""
-        sources = (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        sources = _fold_sources(conv, norm)
         if not _cacheable(sources):
             return _fold(conv, norm)
-        key = tuple(_tensor_key(t) for t in sources) + (norm.eps,)
+        key = tuple([_tensor_key(t) for t in sources]) + (norm.eps,)
+        shape = None if prepack_for is None else tuple(prepack_for.shape)
+        # The common case of a forward, without the lock: one read of the entry.
+        entry = self._entry
+        if entry is not None and entry[0] == key:
+            if shape is None:
+                return entry[1]
+            packed = entry[2].get(shape)
+            if packed is not None:
+                try:
+                    entry[2].move_to_end(shape)  # most recently used, kept longest
+                except KeyError:  # another thread's shape just pushed it out: fine, it is in hand
+                    pass
+                return packed, entry[1][1]
         # Made as ordinary tensors without autograd history whatever the mode
         # of the call that fills the cache, so that a later call in any mode
         # (inference_mode, no_grad, autograd through the input) can use them.
         with self._lock, torch.inference_mode(False), torch.no_grad():
-            if key != self._key:
-                self._folded = _fold(conv, norm)
-                self._packed.clear()
-                self._key = key
-            weight, bias = self._folded
-            if prepack_for is None:
+            entry = self._entry
+            if entry is None or entry[0] != key:
+                entry = self._entry = (key, _fold(conv, norm), OrderedDict())
+            weight, bias = entry[1]
+            if shape is None:
                 return weight, bias
-            return self._packed_for(conv, weight, tuple(prepack_for.shape)), bias
+            return self._packed_for(entry[2], conv, weight, shape), bias
 
-    def _packed_for(self, conv: nn.Conv2d, weight: Tensor, shape: Tuple[int, ...]) -> Tensor:
-        packed = self._packed.get(shape)
+    def _packed_for(self, packs: "OrderedDict[Tuple[int, ...], Tensor]", conv: nn.Conv2d, weight: Tensor,
+                    shape: Tuple[int, ...]) -> Tensor:
+        packed = packs.get(shape)
         if packed is not None:
-            self._packed.move_to_end(shape)
+            packs.move_to_end(shape)
             return packed
         packed = ops.prepack_conv_weight(weight, conv.stride, conv.padding, conv.dilation, conv.groups, shape)
         if packed is None:  # prepacking does not apply (dtype, no oneDNN)
             return weight
-        self._packed[shape] = packed
-        if len(self._packed) > self.MAX_PACKED_SHAPES:
-            self._packed.popitem(last=False)
+        packs[shape] = packed
+        if len(packs) > self.MAX_PACKED_SHAPES:
+            packs.popitem(last=False)
         return packed
 
 
@@ -201,9 +241,12 @@ def conv_norm_act(
     relu: bool = True,
     backend: Optional[str] = None,
     cache: Optional[FoldCache] = None,
+    overwrite_residual: bool = False,
 ) -> Tensor:
     """act(norm(conv(x)) + residual), through the fused ops where they apply
-    (any other conv or norm module runs as it is)."""
+    (any other conv or norm module runs as it is). overwrite_residual: the
+    caller needs residual no more, and an inference call on the CPU may
+    write the result into it (ops.conv_bias_act_)."""
     if not _fusable_conv(conv):
         return _unfused(conv, norm, x, residual, relu)
     if sync_is_active(norm):
@@ -212,7 +255,7 @@ def conv_norm_act(
         return _conv_bn_train(conv, norm, x, residual, relu, backend)
     if isinstance(norm, _BATCH_NORMS) or is_frozen_bn(norm):
         if backend is None:  # a measured choice for this layer, when resnet_fast.tune() made one
-            backend = tuning.planned_backend(conv, norm, x, residual, relu)
+            backend = plans.planned_backend(conv, norm, x, residual, relu)
         resolved = resolve_backend(backend, x.device)
         prepack = resolved == "native" and x.device.type == "cpu" and not x.requires_grad
         if cache is None:
@@ -222,10 +265,26 @@ def conv_norm_act(
         if weight.dtype != x.dtype and not weight.is_mkldnn:
             # Autocast or a model kept in another precision: match the input.
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        if overwrite_residual and prepack and _may_write_into(residual, weight):
+            return ops.conv_bias_act_(
+                residual, x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
+            )
         return ops.conv_bias_act(
             x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
         )
     return _unfused(conv, norm, x, residual, relu)
+
+
+def _may_write_into(residual: Optional[Tensor], weight: Tensor) -> bool:
+    """Whether conv_bias_act_ can take residual: float32 (where oneDNN
+    accumulates into it), NHWC, and nothing autograd would track."""
+    return (
+        residual is not None
+        and not torch.compiler.is_compiling()  # a compiled graph plans its own buffers
+        and residual.dtype == torch.float32
+        and residual.is_contiguous(memory_format=torch.channels_last)
+        and not (torch.is_grad_enabled() and (residual.requires_grad or weight.requires_grad))
+    )
 
 
 def _unfused(conv, norm, x, residual, relu):

@@ -29,7 +29,7 @@ from .validation import (
     effective_dilation,
 )
 
-__all__ = ["conv_bias_act", "cuda_conv_algorithm", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
+__all__ = ["conv_bias_act", "conv_bias_act_", "cuda_conv_algorithm", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -86,6 +86,51 @@ def conv_bias_act(
     if backend == "reference" or x.shape[0] == 0:  # aten has every rule for an empty batch
         return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
     return _kernels(backend).conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+
+
+def conv_bias_act_(
+    residual: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    relu: bool = True,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """conv_bias_act(x, weight, bias, residual, ...) written into residual,
+    which is returned: for inference, where the caller owns residual and
+    needs it no more. On the native CPU backend the convolution accumulates
+    into residual's memory, which saves allocating and first touching an
+    output; elsewhere the result is computed as conv_bias_act does and
+    copied in. residual must be channels_last contiguous and must not share
+    memory with x. Not differentiable.
+    """
+    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    check_flag(relu, "relu")
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"resnet_fast: residual must be a Tensor (conv_bias_act_ writes into it), got {type(residual).__name__}")
+    if isinstance(weight, Tensor) and weight.is_mkldnn:
+        torch.ops.resnet_fast.conv_bias_act_(residual, x, weight, bias, stride, padding, dilation, groups, relu)
+        return residual
+    check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups, empty_batch_ok=True)
+    if not residual.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("resnet_fast: conv_bias_act_ writes into residual, which must be channels_last contiguous "
+                         "(residual.contiguous(memory_format=torch.channels_last))")
+    if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError("resnet_fast: conv_bias_act_ writes into residual, which shares memory with x")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (residual, x, weight, bias)):
+        raise RuntimeError("resnet_fast: conv_bias_act_ is for inference and has no gradient; use conv_bias_act, "
+                           "or call it under torch.no_grad() / torch.inference_mode()")
+    if resolve_backend(backend, x.device) != "native" or x.device.type != "cpu" or x.shape[0] == 0:
+        out = conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu, backend)
+        return residual.copy_(out)
+    dilation = effective_dilation(weight.shape, dilation)
+    x, stride, padding = crop_for_unit_outputs(x, weight.shape, stride, padding, dilation)
+    torch.ops.resnet_fast.conv_bias_act_(residual, x, weight, bias, stride, padding, dilation, groups, relu)
+    return residual
 
 
 def cuda_conv_algorithm(
@@ -262,6 +307,10 @@ def _register_native() -> None:
     @torch.library.register_fake(lib + "conv_bias_act")
     def _(x, weight, bias, residual, stride, padding, dilation, groups, relu):
         return _channels_last_like(conv_output_shape(x.shape, weight.shape, stride, padding, dilation), x)
+
+    @torch.library.register_fake(lib + "conv_bias_act_")
+    def _(residual, x, weight, bias, stride, padding, dilation, groups, relu):
+        return None
 
     @torch.library.register_fake(lib + "bias_act")
     def _(y, bias, residual, relu):

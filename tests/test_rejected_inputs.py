@@ -38,6 +38,19 @@ def conv(**overrides):
     return lambda: ops.conv_bias_act(**call)
 
 
+def conv_into_residual(**overrides):
+    """conv_bias_act_ on a valid 3x3 call (8 -> 12 channels) writing into an
+    NHWC residual, with overrides."""
+    call = dict(residual=x4(2, 12, 9, 11).contiguous(memory_format=torch.channels_last), x=x4(),
+                weight=torch.randn(12, 8, 3, 3), bias=torch.randn(12), padding=1)
+    call.update(overrides)
+
+    def run():
+        with torch.no_grad():
+            return ops.conv_bias_act_(**call)
+    return run
+
+
 def bn(**overrides):
     call = dict(x=x4(), weight=torch.rand(8) + 0.5, bias=torch.randn(8))
     call.update(overrides)
@@ -150,6 +163,20 @@ CASES = [
          "weight has dtype Float but the input has BFloat16",
          lambda: ops.conv_bias_act(x4(dtype=torch.bfloat16), torch.randn(12, 8, 3, 3).to_mkldnn(),
                                    torch.randn(12), padding=1)),
+    # ops.conv_bias_act_ (its other arguments are checked as conv_bias_act's)
+    Case("ops.conv_bias_act_", "residual None", TypeError, "residual must be a Tensor (conv_bias_act_ writes into it)",
+         conv_into_residual(residual=None)),
+    Case("ops.conv_bias_act_", "residual not channels_last", ValueError,
+         "writes into residual, which must be channels_last contiguous", conv_into_residual(residual=x4(2, 12, 9, 11))),
+    Case("ops.conv_bias_act_", "residual of another shape", ValueError,
+         "residual has shape (2, 12, 9, 10), expected (2, 12, 9, 11)",
+         conv_into_residual(residual=x4(2, 12, 9, 10).contiguous(memory_format=torch.channels_last))),
+    Case("ops.conv_bias_act_", "residual sharing memory with x", ValueError, "which shares memory with x",
+         (lambda shared: conv_into_residual(residual=shared, x=shared, weight=torch.randn(8, 8, 3, 3),
+                                            bias=torch.randn(8)))(x4().contiguous(memory_format=torch.channels_last))),
+    Case("ops.conv_bias_act_", "a tensor that needs a gradient", RuntimeError, "is for inference and has no gradient",
+         lambda: ops.conv_bias_act_(x4(2, 12, 9, 11).contiguous(memory_format=torch.channels_last), x4(),
+                                    torch.randn(12, 8, 3, 3, requires_grad=True), torch.randn(12), padding=1)),
     # ops.bias_act
     Case("ops.bias_act", "y 3-D", ValueError, "y must be 4-D", bias_act(y=torch.randn(8, 9, 11))),
     Case("ops.bias_act", "bias of the wrong length", ValueError, "bias has shape (7,), expected (8,)",

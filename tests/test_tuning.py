@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import resnet_fast
-from resnet_fast import tuning
+from resnet_fast import plans
 from resnet_fast.backends import available_backends
 from resnet_fast.testing import randomize_batchnorm_
 
@@ -19,9 +19,9 @@ needs_native = pytest.mark.skipif(not available_backends()["native"].available, 
 @pytest.fixture(autouse=True)
 def plan_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CACHE_DIR", str(tmp_path / "plans"))
-    tuning.clear_loaded_plans()
+    plans.clear_loaded_plans()
     yield tmp_path / "plans"
-    tuning.clear_loaded_plans()
+    plans.clear_loaded_plans()
 
 
 def _model_and_input():
@@ -62,10 +62,10 @@ def test_tune_plans_every_layer_saves_the_plan_and_the_model_uses_it(plan_dir, m
 
     (path,) = plan_dir.glob("plan-*.json")
     saved = json.loads(path.read_text())
-    assert saved["layers"] == plan and saved["key"] == tuning.plan_key(x.device, x.dtype)
+    assert saved["layers"] == plan and saved["key"] == plans.plan_key(x.device, x.dtype)
 
     # A fresh process state reads the file, and every layer follows it.
-    tuning.clear_loaded_plans()
+    plans.clear_loaded_plans()
     forced = {key: "reference" for key in plan}
     path.write_text(json.dumps({**saved, "layers": forced}))
     used, _ = _backends_used(model, x, monkeypatch)
@@ -96,7 +96,7 @@ def _write_entries(args):
     cache, worker = args
     os.environ["RESNET_FAST_CACHE_DIR"] = cache
     for i in range(40):
-        tuning._save("shared key", {f"layer {worker}-{i}": "reference"})
+        plans.save("shared key", {f"layer {worker}-{i}": "reference"})
 
 
 def test_concurrent_writers_merge_their_entries(plan_dir):
@@ -111,7 +111,7 @@ def test_concurrent_writers_merge_their_entries(plan_dir):
 def test_a_damaged_plan_file_is_ignored(plan_dir):
     model, x = _model_and_input()
     plan_dir.mkdir(parents=True)
-    (plan_dir / os.path.basename(tuning._plan_path(tuning.plan_key(x.device, x.dtype)))).write_text("{not json")
+    (plan_dir / os.path.basename(plans._plan_path(plans.plan_key(x.device, x.dtype)))).write_text("{not json")
     with torch.no_grad():
         model(x)  # runs on the default choice
 

@@ -36,6 +36,56 @@ inline void backward_sums_row(const scalar_t* __restrict__ grad_out, const scala
   }
 }
 
+// Rows of the forward's passes, restrict-qualified for the same reason: the
+// per-channel sum, the sum of squared deviations, and the output
+// act(x * scale + shift + residual).
+template <typename scalar_t>
+inline void sum_row(const scalar_t* __restrict__ x, float* __restrict__ acc, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<float>(x[c]);
+}
+
+template <typename scalar_t>
+inline void squared_deviation_row(const scalar_t* __restrict__ x, const float* __restrict__ mean,
+                                  float* __restrict__ acc, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float d = static_cast<float>(x[c]) - mean[c];
+    acc[c] += d * d;
+  }
+}
+
+template <typename scalar_t, bool RESIDUAL, bool RELU>
+inline void normalize_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                          const float* __restrict__ scale, const float* __restrict__ shift,
+                          scalar_t* __restrict__ out, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    float v = static_cast<float>(x[c]) * scale[c] + shift[c];
+    if (RESIDUAL) v += static_cast<float>(res[c]);
+    out[c] = static_cast<scalar_t>(act(v, RELU));
+  }
+}
+
+template <typename scalar_t, bool RESIDUAL, bool RELU>
+void normalize_rows(const scalar_t* x, const scalar_t* res, const float* scale, const float* shift, scalar_t* out,
+                    int64_t M, int64_t C) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m)
+      normalize_row<scalar_t, RESIDUAL, RELU>(x + m * C, RESIDUAL ? res + m * C : nullptr, scale, shift,
+                                              out + m * C, C);
+  });
+}
+
+// The grad_x pass of the backward: gamma * invstd * (dz - mean(dz) - xhat * mean(dz * xhat)).
+template <typename scalar_t>
+inline void grad_x_row(const scalar_t* __restrict__ dz, const scalar_t* __restrict__ x,
+                       const float* __restrict__ mean, const float* __restrict__ k_dz,
+                       const float* __restrict__ k_xmu, const float* __restrict__ k_out,
+                       scalar_t* __restrict__ grad_x, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float xmu = static_cast<float>(x[c]) - mean[c];
+    grad_x[c] = static_cast<scalar_t>((static_cast<float>(dz[c]) - k_dz[c] - xmu * k_xmu[c]) * k_out[c]);
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train(
@@ -54,17 +104,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train(
     const scalar_t* xp = x.data_ptr<scalar_t>();
     // Two passes (mean, then squared deviations) keep the variance exact
     // where E[x^2] - E[x]^2 would cancel.
-    mean = reduce_channels<1>(M, C, [&](int64_t m, float* acc) {
-      for (int64_t c = 0; c < C; ++c) acc[c] += static_cast<float>(xp[m * C + c]);
-    });
+    mean = reduce_channels<1>(M, C, [&](int64_t m, float* acc) { sum_row(xp + m * C, acc, C); });
     for (auto& v : mean) v /= static_cast<double>(M);
-    std::vector<float> mean_f(mean.begin(), mean.end());
-    const std::vector<double> sq = reduce_channels<1>(M, C, [&](int64_t m, float* acc) {
-      for (int64_t c = 0; c < C; ++c) {
-        const float d = static_cast<float>(xp[m * C + c]) - mean_f[c];
-        acc[c] += d * d;
-      }
-    });
+    const std::vector<float> mean_f(mean.begin(), mean.end());
+    const std::vector<double> sq = reduce_channels<1>(
+        M, C, [&](int64_t m, float* acc) { squared_deviation_row(xp + m * C, mean_f.data(), acc, C); });
     for (int64_t c = 0; c < C; ++c) {
       var[c] = sq[c] / static_cast<double>(M);
       const double invstd = 1.0 / std::sqrt(var[c] + eps);
@@ -73,15 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_train(
     }
     scalar_t* op = out.data_ptr<scalar_t>();
     const scalar_t* rp = res.defined() ? res.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        for (int64_t c = 0; c < C; ++c) {
-          float v = static_cast<float>(xp[m * C + c]) * scale[c] + shift[c];
-          if (rp) v += static_cast<float>(rp[m * C + c]);
-          op[m * C + c] = static_cast<scalar_t>(act(v, relu));
-        }
-      }
-    });
+    const float *sc = scale.data(), *sh = shift.data();
+    if (rp && relu) normalize_rows<scalar_t, true, true>(xp, rp, sc, sh, op, M, C);
+    else if (rp) normalize_rows<scalar_t, true, false>(xp, rp, sc, sh, op, M, C);
+    else if (relu) normalize_rows<scalar_t, false, true>(xp, rp, sc, sh, op, M, C);
+    else normalize_rows<scalar_t, false, false>(xp, rp, sc, sh, op, M, C);
   });
 
   std::vector<double> invstd(C);
@@ -127,13 +167,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const scalar_t* dzp = relu ? zp : gp;
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
     at::parallel_for(0, M, std::max<int64_t>(1, 16384 / C), [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t i = m * C + c;
-          const float xmu = static_cast<float>(xp[i]) - mean[c];
-          gxp[i] = static_cast<scalar_t>((static_cast<float>(dzp[i]) - k_dz[c] - xmu * k_xmu[c]) * k_out[c]);
-        }
-      }
+      for (int64_t m = begin; m < end; ++m)
+        grad_x_row(dzp + m * C, xp + m * C, mean.data(), k_dz.data(), k_xmu.data(), k_out.data(), gxp + m * C, C);
     });
   });
 

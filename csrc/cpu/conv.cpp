@@ -1,8 +1,10 @@
-// conv_bias_act on the CPU. The convolution runs in oneDNN with the epilogue
-// fused into it as post-ops (bias, residual add, ReLU), which measured faster
-// than aten's convolution followed by our separate epilogue pass (see
-// benchmarks/cpu_conv_paths.py). Other dtypes take the second
-// route: aten convolution, then the in-place epilogue.
+// conv_bias_act (and conv_bias_act_, the same written into the residual) on
+// the CPU. For float32 the convolution runs in oneDNN with the epilogue fused
+// into it as post-ops (bias, residual add, ReLU), which measured faster than
+// aten's convolution followed by our separate epilogue pass (the per-layer
+// benchmark's "conv+epilogue" row, benchmarks/conv_layers.py). Other dtypes
+// take that second route: aten convolution, then the in-place epilogue.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
@@ -43,19 +45,52 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const at::
   return stack[0].toTensor();
 }
 
-// oneDNN's fused ReLU is max(v, 0), which turns NaN into 0 where torch.relu
-// (and the reference) keeps it. A NaN can only come from a non-finite operand,
-// so the ReLU is fused only when every operand is finite: a sum is finite only
-// then (or after an overflow, which just takes the unfused route). A prepacked
-// weight is finite (prepack_conv_weight packs no other).
-bool finite_operands(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
-                     const std::optional<at::Tensor>& residual) {
-  const auto finite = [](const at::Tensor& t) { return std::isfinite(t.sum(at::kFloat).item<float>()); };
-  return finite(bias) && (weight.is_mkldnn() || finite(weight)) && (!residual.has_value() || finite(*residual)) &&
-         finite(x);
+// Set by a whole-network forward that has checked its input (see
+// activations_known_finite in cpu_ops.h).
+thread_local bool known_finite_activations = false;
+
+bool finite(const at::Tensor& t) { return std::isfinite(t.sum(at::kFloat).item<float>()); }
+
+// A prepacked weight is finite: prepack_conv_weight packs no other.
+bool finite_parameters(const at::Tensor& weight, const at::Tensor& bias) {
+  return finite(bias) && (weight.is_mkldnn() || finite(weight));
 }
 
+// A layer with a non-finite weight or bias may put NaN or Inf into the
+// activations: the network's vouching for them ends there.
+void note_parameters(const at::Tensor& weight, const at::Tensor& bias) {
+  if (known_finite_activations && !finite_parameters(weight, bias)) known_finite_activations = false;
+}
+
+// Whether the ReLU may be fused into oneDNN's convolution, whose ReLU is
+// max(v, 0): it turns NaN into 0 where torch.relu (and the reference) keeps
+// it. Short of a float32 overflow inside the convolution, a NaN comes only
+// from a non-finite operand, so the ReLU is fused only when every operand is
+// finite (a sum that overflows just takes the unfused route); the
+// activations are scanned unless a network forward vouched for them.
+bool may_fuse_relu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                   const std::optional<at::Tensor>& residual, bool relu) {
+  if (!relu) {
+    note_parameters(weight, bias);
+    return false;
+  }
+  if (!finite_parameters(weight, bias)) {
+    known_finite_activations = false;
+    return false;
+  }
+  return known_finite_activations || (finite(x) && (!residual.has_value() || finite(*residual)));
+}
+
+// Some oneDNN builds (torch 2.11's) cannot create the fused residual add when
+// the residual's NHWC strides are ambiguous, a single pixel or a single
+// channel ("could not create a memory"); there the residual is added after
+// the convolution, which costs little at those sizes.
+bool onednn_adds(const at::Tensor& residual) { return residual.size(1) > 1 && residual.size(2) * residual.size(3) > 1; }
+
 }  // namespace
+
+bool activations_known_finite() { return known_finite_activations; }
+void set_activations_known_finite(bool known) { known_finite_activations = known; }
 
 at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
@@ -66,14 +101,9 @@ at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const
                 x_in.scalar_type());
   if (onednn_fuses(x_in)) {
     const at::Tensor w = weight.is_mkldnn() ? weight : weight.contiguous(at::MemoryFormat::ChannelsLast);
-    // Some oneDNN builds (torch 2.11's) cannot create the fused residual add
-    // when the residual's NHWC strides are ambiguous, a single pixel or a
-    // single channel ("could not create a memory"); there the residual is
-    // added after the convolution, which costs little at those sizes.
-    const bool fuse_residual =
-        residual.has_value() && residual->size(1) > 1 && residual->size(2) * residual->size(3) > 1;
+    const bool fuse_residual = residual.has_value() && onednn_adds(*residual);
     const bool fuse_relu =
-        relu && (fuse_residual || !residual.has_value()) && finite_operands(x_in, weight, bias, residual);
+        may_fuse_relu(x_in, weight, bias, residual, relu) && (fuse_residual || !residual.has_value());
     // oneDNN picks its output layout from the input's strides, which are
     // ambiguous for some shapes (C == 1, H == W == 1): the contract is NHWC.
     at::Tensor out = onednn_conv(as_nhwc(x_in), w, bias.to(x_in.scalar_type()),
@@ -84,9 +114,35 @@ at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const
     if (relu && !fuse_relu) out.relu_();
     return out;
   }
+  note_parameters(weight, bias);  // this route keeps NaN as it is
   at::Tensor y = conv_nhwc(x_in, weight, stride, padding, dilation, groups);
   bias_act_inplace(y, bias, residual, relu);
   return y;
+}
+
+void conv_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t groups, bool relu) {
+  check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups);
+  TORCH_CHECK(residual.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "resnet_fast: conv_bias_act_ writes into residual, which must be channels_last contiguous");
+  at::assert_no_overlap(residual, x);
+  if (!(onednn_fuses(x) && onednn_adds(residual))) {
+    residual.copy_(conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu));
+    return;
+  }
+  // oneDNN's in-place binary add: the convolution accumulates into the
+  // residual's memory, which saves the output's allocation and its
+  // first-touch writes.
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise_", "binary");
+  const at::Tensor w = weight.is_mkldnn() ? weight : weight.contiguous(at::MemoryFormat::ChannelsLast);
+  const bool fuse_relu = may_fuse_relu(x, weight, bias, residual, relu);
+  const c10::IValue unary_attr = fuse_relu ? c10::IValue(std::string("relu")) : c10::IValue();
+  torch::jit::Stack stack = {residual, as_nhwc(x), w, bias.to(x.scalar_type()), padding.vec(), stride.vec(),
+                             effective_dilation(weight, dilation), groups, std::string("add"), at::Scalar(1.0),
+                             unary_attr, c10::List<std::optional<at::Scalar>>(), c10::IValue()};
+  op.callBoxed(&stack);
+  if (relu && !fuse_relu) residual.relu_();
 }
 
 }  // namespace resnet_fast::cpu

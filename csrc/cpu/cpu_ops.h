@@ -52,6 +52,20 @@ inline float relu_grad(const scalar_t* grad_out, const scalar_t* out, scalar_t* 
   return dz;
 }
 
+// conv_bias_act written into residual (CPU only, for inference: the caller
+// owns residual and no longer needs it).
+void conv_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                    const at::Tensor& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t groups, bool relu);
+
+// Whether the activations (x and residual) reaching conv_bias_act on this
+// thread are known to be finite: a whole-network forward sets it after
+// checking its input once (resnet_fast/finite.py), so that the layers skip
+// their per-layer scan. conv_bias_act clears it as soon as a layer's weight
+// or bias is not finite, since that layer's output may then carry NaN.
+bool activations_known_finite();
+void set_activations_known_finite(bool known);
+
 // NaN-propagating ReLU (NaN < 0 is false, so NaN passes through, as torch.relu).
 inline float act(float v, bool relu) { return (relu && v < 0.f) ? 0.f : v; }
 

@@ -4,6 +4,7 @@
 
 TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("conv_bias_act", &resnet_fast::cpu::conv_bias_act);
+  m.impl("conv_bias_act_", &resnet_fast::cpu::conv_bias_act_);
   m.impl("bias_act", &resnet_fast::cpu::bias_act);
   m.impl("bias_act_backward", &resnet_fast::cpu::bias_act_backward);
   m.impl("bn_act_train", &resnet_fast::cpu::bn_act_train);
@@ -11,7 +12,8 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
 }
 
 // A weight prepacked into oneDNN's blocked layout (a MkldnnCPU tensor) makes
-// the call dispatch here; only conv_bias_act takes one.
+// the call dispatch here; only the conv_bias_act ops take one.
 TORCH_LIBRARY_IMPL(resnet_fast, MkldnnCPU, m) {
   m.impl("conv_bias_act", &resnet_fast::cpu::conv_bias_act);
+  m.impl("conv_bias_act_", &resnet_fast::cpu::conv_bias_act_);
 }

@@ -19,6 +19,21 @@ def _block_kind(model: nn.Module):
     raise TypeError(f"unsupported ResNet block {type(model.layer1[0]).__qualname__}: expected BasicBlock or Bottleneck")
 
 
+def _match_memory_formats(ours: nn.Module, model: nn.Module) -> None:
+    """Parameters and buffers stored channels_last where model's are (after
+    model.to(memory_format=torch.channels_last)): load_state_dict copies
+    values, not layouts, and a weight in the other layout than the
+    activations costs a copy on every training step."""
+    with torch.no_grad():
+        for mine, theirs in zip(ours.modules(), model.modules()):
+            for name, t in list(mine._parameters.items()) + list(mine._buffers.items()):
+                source = theirs._parameters.get(name, theirs._buffers.get(name))
+                if t is None or source is None or t.dim() != 4 or t.is_contiguous(memory_format=torch.channels_last):
+                    continue
+                if source.is_contiguous(memory_format=torch.channels_last) and not source.is_contiguous():
+                    t.data = t.data.contiguous(memory_format=torch.channels_last)
+
+
 def from_torchvision(model: nn.Module, backend: Optional[str] = None) -> ResNet:
     """A resnet_fast ResNet with the same architecture, weights, buffers,
     device, dtype and train/eval mode as the torchvision ResNet `model`.
@@ -44,6 +59,7 @@ def from_torchvision(model: nn.Module, backend: Optional[str] = None) -> ResNet:
     reference = next(model.parameters())
     ours.to(device=reference.device, dtype=reference.dtype)
     ours.load_state_dict(model.state_dict(), strict=True)
+    _match_memory_formats(ours, model)
     ours.train(model.training)
     for mine, theirs in zip(ours.modules(), model.modules()):
         mine.training = theirs.training

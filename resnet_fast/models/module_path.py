@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn.modules import module as _module_globals
 
+from ..layers import is_frozen_bn
 from ..validation import FLOAT_DTYPES
 
 
@@ -127,6 +128,37 @@ def block_parts(block: nn.Module) -> List[nn.Module]:
             if type(child) is nn.Sequential:
                 parts.extend(child._modules.values())
     return parts
+
+
+# Modules whose forward keeps finite inputs finite and either runs on the
+# fused ops or leaves NaN as it is.
+_KNOWN_MODULES = (
+    nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.ReLU, nn.MaxPool2d, nn.AdaptiveAvgPool2d,
+    nn.AvgPool2d, nn.Linear, nn.Identity, nn.Flatten, nn.Dropout,
+)
+
+
+def known_network(network: nn.Module, block_types) -> bool:
+    """No module hook anywhere (a global one, or one on a module below
+    network: it could change or keep what the next layer sees, or wait for
+    a gradient), and every module below network is one whose forward
+    resnet_fast knows: its residual blocks (block_types), convolutions,
+    norms, ReLU, pooling. Then the network may call its blocks' forward
+    directly, let them write into tensors only they hold, and scan its input
+    alone for NaN/Inf (resnet_fast/finite.py)."""
+    if _global_hooks():
+        return False
+    # network's own hooks see only its input and output. A plain walk over
+    # _modules: this runs on every forward, and named_modules() is slower.
+    pending = list(network._modules.values())
+    while pending:
+        m = pending.pop()
+        if m is None:
+            continue
+        if _has_hooks(m) or not (type(m) in _KNOWN_MODULES or isinstance(m, block_types) or is_frozen_bn(m)):
+            return False
+        pending.extend(m._modules.values())
+    return True
 
 
 def must_call_modules(owner: nn.Module, modules: Iterable[nn.Module]) -> bool:

@@ -8,9 +8,10 @@ import torch.fx
 from torch import Tensor, nn
 
 from ..backends import BACKENDS
+from ..finite import finite_activations
 from ..layers import conv_norm_act, fold_cache
 from .features import NUM_STAGES, FeatureInfo, last_n_indices, normalize_indices, stage_info
-from .module_path import block_parts, input_needs_modules, must_call_modules, trace_check_scope
+from .module_path import block_parts, input_needs_modules, known_network, must_call_modules, trace_check_scope
 
 # Where optimize() keeps the class a module had before it swapped it in: to_torchvision()
 # restores it, and a swapped block that must call its modules runs its forward.
@@ -86,9 +87,11 @@ class _FusedBlock(nn.Module):
         return self._forward_eager(x)
 
     @torch.jit.unused
-    def _forward_eager(self, x: Tensor) -> Tensor:
+    def _forward_eager(self, x: Tensor, x_disposable: bool = False) -> Tensor:
+        """x_disposable: the caller needs x no more (ResNet's stage loop,
+        which knows), so the block may write its output into it."""
         if self._runs_fused(x):
-            return self._forward_fused(x)
+            return self._forward_fused(x, x_disposable)
         original = self.__dict__.get(ORIGINAL_CLASS)  # a block optimize() swapped: its own forward
         return original.forward(self, x) if original is not None else self._forward_modules(x)
 
@@ -97,7 +100,7 @@ class _FusedBlock(nn.Module):
         return not (input_needs_modules(x) or must_call_modules(self, block_parts(self)))
 
     @torch.jit.unused
-    def _forward_fused(self, x: Tensor) -> Tensor:
+    def _forward_fused(self, x: Tensor, x_disposable: bool = False) -> Tensor:
         raise NotImplementedError
 
     def _forward_modules(self, x: Tensor) -> Tensor:
@@ -122,16 +125,18 @@ class _FusedBlock(nn.Module):
         return self
 
     def _fused(self, conv_name: str, norm_name: str, x: Tensor, residual: Optional[Tensor] = None,
-               relu: bool = True) -> Tensor:
-        return fused_conv_norm(getattr(self, conv_name), getattr(self, norm_name), x, residual, relu, self.backend)
+               relu: bool = True, overwrite_residual: bool = False) -> Tensor:
+        conv, norm = getattr(self, conv_name), getattr(self, norm_name)
+        return conv_norm_act(conv, norm, x, residual, relu, self.backend, fold_cache(conv, "folded"), overwrite_residual)
 
-    def _shortcut(self, x: Tensor) -> Tensor:
+    def _shortcut(self, x: Tensor, x_disposable: bool) -> Tuple[Tensor, bool]:
+        """(the shortcut of x, whether the block may write into it)."""
         ds = self.downsample
         if ds is None:
-            return x
+            return x, x_disposable
         if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d):
-            return fused_conv_norm(ds[0], ds[1], x, None, False, self.backend)
-        return ds(x)  # a custom shortcut: run it as it is
+            return fused_conv_norm(ds[0], ds[1], x, None, False, self.backend), True
+        return ds(x), False  # a custom shortcut: run it as it is (its output may be x itself)
 
 
 class BasicBlock(_FusedBlock):
@@ -164,10 +169,10 @@ class BasicBlock(_FusedBlock):
         self.stride = stride
 
     @torch.jit.unused
-    def _forward_fused(self, x: Tensor) -> Tensor:
-        identity = self._shortcut(x)
+    def _forward_fused(self, x: Tensor, x_disposable: bool = False) -> Tensor:
+        identity, disposable = self._shortcut(x, x_disposable)
         out = self._fused("conv1", "bn1", x)
-        return self._fused("conv2", "bn2", out, residual=identity)
+        return self._fused("conv2", "bn2", out, residual=identity, overwrite_residual=disposable)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -204,11 +209,11 @@ class Bottleneck(_FusedBlock):
         self.stride = stride
 
     @torch.jit.unused
-    def _forward_fused(self, x: Tensor) -> Tensor:
-        identity = self._shortcut(x)
+    def _forward_fused(self, x: Tensor, x_disposable: bool = False) -> Tensor:
+        identity, disposable = self._shortcut(x, x_disposable)
         out = self._fused("conv1", "bn1", x)
         out = self._fused("conv2", "bn2", out)
-        return self._fused("conv3", "bn3", out, residual=identity)
+        return self._fused("conv3", "bn3", out, residual=identity, overwrite_residual=disposable)
 
     def _forward_modules(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -416,15 +421,37 @@ class ResNet(nn.Module):
 
     def _run_stages(self, x: Tensor, indices: Tuple[int, ...], last: int) -> Tuple[Tensor, List[Tensor]]:
         """Run stages 0..last; (output of stage `last`, outputs of `indices`)."""
+        if torch.compiler.is_compiling() or input_needs_modules(x) or not known_network(self, _FusedBlock):
+            return self._stages(x, indices, last, plain=False)
+        with finite_activations(x):  # one scan for NaN/Inf instead of one per layer
+            return self._stages(x, indices, last, plain=True)
+
+    def _stages(self, x: Tensor, indices: Tuple[int, ...], last: int, plain: bool) -> Tuple[Tensor, List[Tensor]]:
+        """_run_stages's work. plain: no hooks and only known modules below
+        (module_path.known_network), so the blocks are called directly and each
+        may write its output into an input that nothing else holds."""
         x = self._stem_act(x)
         features = [x] if 0 in indices else []
         if last > 0:
             x = self.maxpool(x)
         for i in range(1, last + 1):
-            x = getattr(self, f"layer{i}")(x)
+            stage = getattr(self, f"layer{i}")
+            if plain and isinstance(stage, nn.Sequential):
+                x = self._plain_stage(stage, x, x_disposable=i - 1 not in indices)
+            else:
+                x = stage(x)
             if i in indices:
                 features.append(x)
         return x, features
+
+    @staticmethod
+    def _plain_stage(stage: nn.Sequential, x: Tensor, x_disposable: bool) -> Tensor:
+        for block in stage:
+            if isinstance(block, _FusedBlock):
+                x, x_disposable = block._forward_eager(x, x_disposable), True
+            else:  # a known module of another kind: its output may be its input
+                x, x_disposable = block(x), False
+        return x
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last feature map (C5 for a full model), before pooling."""

@@ -1,0 +1,43 @@
+"""One scan for NaN and Inf per network forward instead of one per layer.
+
+On the CPU, conv_bias_act fuses ReLU into oneDNN's convolution, whose ReLU
+turns NaN into 0 where torch.relu keeps it; so by itself each layer scans its
+input and residual and fuses the ReLU only when they are finite: a full pass
+over every activation, about a tenth of a layer's time. Inside a network
+whose modules are all known (convolutions, norms, ReLU, pooling), a finite
+input and finite weights can only give finite activations, so the forward
+checks its input once and vouches for the activations of its layers
+(csrc/cpu/conv.cpp: a layer whose weight or bias is not finite withdraws
+that, and the layers after it look again). A float32 overflow inside the
+network (activations beyond about 3.4e38) is not looked for, as neither
+torch.compile's nor oneDNN's own fused kernels look for it.
+"""
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from .backends import native_loaded
+
+
+@contextlib.contextmanager
+def finite_activations(x: Tensor) -> Iterator[None]:
+    """Within this block, the CPU conv layers skip their own NaN/Inf scan
+    when x is finite. For the forward of a network made only of modules
+    resnet_fast knows, without hooks (models.module_path.known_network)."""
+    vouch = (
+        native_loaded() and type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+        and math.isfinite(x.detach().sum(dtype=torch.float32).item())
+    )
+    if not vouch:
+        yield
+        return
+    from . import _C
+
+    previous = _C.set_activations_known_finite(True)
+    try:
+        yield
+    finally:
+        _C.set_activations_known_finite(previous)
