@@ -4,11 +4,15 @@ the ways that matter:
   eager                     conv, BatchNorm, (add), ReLU as torchvision runs them
   folded                    aten conv with BN folded into weight and bias, then one (add +) ReLU
   ours (native|triton)      resnet_fast.ops.conv_bias_act on each kernel backend of the device
+                            (the Triton one with the weight in its GEMM layout, as a model's
+                            folded-weight cache holds it)
   ours (native, cutlass|cudnn)
                             on CUDA, the native op with its convolution forced to the
                             implicit GEMM or to cuDNN + our epilogue (RESNET_FAST_CUDA_CONV;
                             "ours (native)" takes the implicit GEMM where it can run)
   conv+epilogue             aten conv, then resnet_fast.ops.bias_act (our separate epilogue)
+  cudnn fused               on CUDA, cuDNN's own fused conv + bias (+ residual) + ReLU
+                            (torch.cudnn_convolution_relu / _add_relu), where cuDNN runs it
   ours (native, prepacked)  the native op with the weight prepacked for oneDNN (CPU only)
 
 On the CPU these are the candidate implementations of conv_bias_act; the
@@ -79,6 +83,30 @@ def _cuda_conv_choice(x, weight, residual, args) -> str:
     return _with_cuda_conv("auto", query)(x)
 
 
+def _cudnn_fused(x, weight, bias, residual, relu, args):
+    """cuDNN's own fused conv + bias (+ residual) + ReLU for this layer, or
+    None where there is none: not CUDA, no ReLU, or cuDNN refuses the layer
+    (its runtime fusion does not cover every dtype and shape)."""
+    if x.device.type != "cuda" or not relu:
+        return None
+    pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+    geometry = (pair(args["stride"]), pair(args["padding"]), pair(args["dilation"]), args["groups"])
+    fused_bias = bias.to(x.dtype)
+    if residual is None:
+        def fused(x):
+            return torch.cudnn_convolution_relu(x, weight, fused_bias, *geometry)
+    else:
+        def fused(x):
+            return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, fused_bias, *geometry)
+    try:
+        with torch.no_grad():
+            fused(x)
+        torch.cuda.synchronize(x.device)
+    except RuntimeError:
+        return None
+    return fused
+
+
 def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
     n, c, h, w = layer["input"]
     k, r, s, p, d, g = (layer[key] for key in ("out_channels", "kernel", "stride", "padding", "dilation", "groups"))
@@ -111,9 +139,10 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
         return torch.relu_(y) if relu else y
 
     contenders = {"eager": eager, "folded": folded}
+    gemm_weight = ops.gemm_layout_weight(weight)
     for backend in kernel_backends(device):
         contenders[f"ours ({backend})"] = lambda x, backend=backend: ops.conv_bias_act(
-            x, weight, bias, residual, relu=relu, backend=backend, **args)
+            x, gemm_weight if backend == "triton" else weight, bias, residual, relu=relu, backend=backend, **args)
     cuda_conv = None
     if device.type == "cuda" and "native" in kernel_backends(device):
         native = contenders["ours (native)"]
@@ -123,6 +152,9 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
         contenders["ours (native, cudnn)"] = _with_cuda_conv("cudnn", native)
     contenders["conv+epilogue"] = lambda x: ops.bias_act(F.conv2d(x, weight, None, **args), bias, residual, relu,
                                                          "native")
+    fused = _cudnn_fused(x, weight, bias, residual, relu, args)
+    if fused is not None:
+        contenders["cudnn fused"] = fused
     packed = ops.prepack_conv_weight(weight, s, p, d, g, x.shape) if device.type == "cpu" else None
     if packed is not None:
         contenders["ours (native, prepacked)"] = lambda x: ops.conv_bias_act(x, packed, bias, residual, relu=relu,

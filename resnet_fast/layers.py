@@ -12,7 +12,7 @@ forward computation is fused:
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +103,8 @@ def _fold_sources(conv: nn.Module, norm: nn.Module) -> Tuple[Optional[Tensor], .
 
 class FoldCache:
     """Folded (weight, bias) of one conv + eval-BN pair, reused across forwards,
-    and the weight prepacked for oneDNN per input shape (CPU inference).
+    the weight prepacked for oneDNN per input shape (CPU inference), and the
+    weight in the Triton convolution's GEMM layout (ops.gemm_layout_weight).
 
     The key holds the storage address, version counter, dtype and device of
     every source tensor, so an optimizer step, an in-place edit,
@@ -120,10 +121,12 @@ class FoldCache:
     MAX_PACKED_SHAPES = 4
 
     def __init__(self):
-        # (source key, (weight, bias), {input shape: packed weight}): replaced
-        # as a whole when the sources change, so that a reader without the
-        # lock sees one consistent entry.
-        self._entry: Optional[Tuple[tuple, Tuple[Tensor, Tensor], "OrderedDict[Tuple[int, ...], Tensor]"]] = None
+        # (source key, (weight, bias), {input shape: packed weight},
+        # {"gemm": weight in GEMM layout}): replaced as a whole when the
+        # sources change, so that a reader without the lock sees one
+        # consistent entry.
+        self._entry: Optional[Tuple[tuple, Tuple[Tensor, Tensor], "OrderedDict[Tuple[int, ...], Tensor]",
+                                    Dict[str, Tensor]]] = None
         self._lock = threading.Lock()
 
     @property
@@ -142,9 +145,11 @@ class FoldCache:
     def __setstate__(self, state):
         self.__init__()
 
-    def folded(self, conv: nn.Conv2d, norm: nn.Module, prepack_for: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    def folded(self, conv: nn.Conv2d, norm: nn.Module, prepack_for: Optional[Tensor] = None,
+               gemm_layout: bool = False) -> Tuple[Tensor, Tensor]:
         """(weight, bias) folded; with prepack_for (an input), the weight comes
-        prepacked for inputs of its shape, where prepacking applies."""
+        prepacked for inputs of its shape, where prepacking applies; with
+        gemm_layout, in the Triton convolution's operand layout."""
         sources = _fold_sources(conv, norm)
         if not _cacheable(sources):
             return _fold(conv, norm)
@@ -153,7 +158,9 @@ class FoldCache:
         # The common case of a forward, without the lock: one read of the entry.
         entry = self._entry
         if entry is not None and entry[0] == key:
-            if shape is None:
+            if gemm_layout and "gemm" in entry[3]:
+                return entry[3]["gemm"], entry[1][1]
+            if shape is None and not gemm_layout:
                 return entry[1]
             packed = entry[2].get(shape)
             if packed is not None:
@@ -168,8 +175,12 @@ class FoldCache:
         with self._lock, torch.inference_mode(False), torch.no_grad():
             entry = self._entry
             if entry is None or entry[0] != key:
-                entry = self._entry = (key, _fold(conv, norm), OrderedDict())
+                entry = self._entry = (key, _fold(conv, norm), OrderedDict(), {})
             weight, bias = entry[1]
+            if gemm_layout:
+                if "gemm" not in entry[3]:
+                    entry[3]["gemm"] = ops.gemm_layout_weight(weight)
+                return entry[3]["gemm"], bias
             if shape is None:
                 return weight, bias
             return self._packed_for(entry[2], conv, weight, shape), bias
@@ -261,7 +272,7 @@ def conv_norm_act(
         if cache is None:
             weight, bias = _fold(conv, norm)
         else:
-            weight, bias = cache.folded(conv, norm, x if prepack else None)
+            weight, bias = cache.folded(conv, norm, x if prepack else None, gemm_layout=resolved == "triton")
         if weight.dtype != x.dtype and not weight.is_mkldnn:
             # Autocast or a model kept in another precision: match the input.
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)

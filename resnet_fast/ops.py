@@ -29,7 +29,8 @@ from .validation import (
     effective_dilation,
 )
 
-__all__ = ["conv_bias_act", "conv_bias_act_", "cuda_conv_algorithm", "bias_act", "bn_act_train", "fold_bn", "prepack_conv_weight"]
+__all__ = ["conv_bias_act", "conv_bias_act_", "cuda_conv_algorithm", "bias_act", "bn_act_train", "fold_bn",
+           "gemm_layout_weight", "prepack_conv_weight"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -257,6 +258,17 @@ def fold_bn(
             check_channel_vector(weight, t, name, out_channels)
     check_eps(eps)
     return reference.fold_bn(weight, gamma, beta, mean, var, eps, conv_bias)
+
+
+def gemm_layout_weight(weight: Tensor) -> Tensor:
+    """weight [K, C/groups, R, S] stored as an [R, S, C/groups, K]-contiguous
+    tensor (same shape and values): the GEMM operand of the Triton
+    convolution, which reads such a weight in place and copies any other
+    layout on every call. A weight reused across calls is worth keeping so;
+    the other backends take it too (the CUDA kernels copy it to channels_last)."""
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"resnet_fast: weight must be a 4-D tensor (K, C/groups, R, S), got {getattr(weight, 'shape', weight)}")
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def prepack_conv_weight(

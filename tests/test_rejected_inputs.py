@@ -215,6 +215,9 @@ CASES = [
          lambda: ops.prepack_conv_weight(torch.randn(12, 8, 3, 3), 1, 1, 1, 5)),
     Case("ops.prepack_conv_weight", "weight 2-D", ValueError, "weight must be a 4-D tensor",
          lambda: ops.prepack_conv_weight(torch.randn(12, 8), 1, 1, 1, 1)),
+    # ops.gemm_layout_weight
+    Case("ops.gemm_layout_weight", "weight 3-D", ValueError, "weight must be a 4-D tensor",
+         lambda: ops.gemm_layout_weight(torch.randn(12, 8, 3))),
     # builders and ResNet(...)
     Case("resnet18(...) etc.", "num_classes=0", ValueError, "num_classes must be a positive int, got 0",
          lambda: resnet_fast.resnet18(num_classes=0)),

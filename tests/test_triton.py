@@ -557,3 +557,157 @@ def test_resnext_block_through_triton(mode):
         model.train()(inp).backward(grad)
     assert_rel(inputs[0].grad, inputs[1].grad, dtype=torch.float32, factor=100)
     _assert_gradients_close(ours, ref)
+
+
+# ---------------------------------------------------------------- weight layout
+
+@contextmanager
+def conv_launches(monkeypatch):
+    """The (args, kwargs) of each conv kernel launch, recorded (the launch
+    is made as usual): args[1] is the weight, kwargs the constexprs."""
+    seen = []
+    real_traceable = conv.traceable
+
+    class Spy:
+        def __init__(self, kernel):
+            self.launcher = real_traceable(kernel)
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((args, kwargs))
+                return self.launcher[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(conv, "traceable", Spy)
+    yield seen
+
+
+@pytest.mark.parametrize("case", ["1x1", "3x3s2_odd", "stem7x7s2_C3", "grouped_wide"])
+def test_conv_reads_a_gemm_layout_weight_in_place(monkeypatch, case):
+    from resnet_fast.ops import gemm_layout_weight
+
+    x, weight, bias, args = make_conv(case, torch.float32)
+    stored = gemm_layout_weight(weight)
+    assert stored.shape == weight.shape and torch.equal(stored, weight)
+    assert stored.permute(2, 3, 1, 0).is_contiguous() and stored.data_ptr() != weight.data_ptr()
+    res = channels_last(randn(*conv_out_shape(x, weight, args)))
+    expected = reference_conv(x, weight, bias, res, args, True)
+    with conv_launches(monkeypatch) as launches, poisoned_outputs():
+        out = run_conv(x, stored, bias, res, args, True)
+        other = run_conv(x, weight, bias, res, args, True)
+    assert_rel(out, expected)
+    assert_rel(other, expected)
+    seen = [launch_args[1] for launch_args, _ in launches]
+    assert seen[0].data_ptr() == stored.data_ptr()  # read where it lies
+    assert seen[1].data_ptr() != weight.data_ptr()  # copied into the GEMM layout
+
+
+def test_fold_cache_keeps_the_gemm_layout_weight(monkeypatch):
+    """An eval conv + BN layer on the Triton backend launches with the
+    folded weight the cache holds in GEMM layout, the same tensor every
+    call, and a new one once the weights change."""
+    from resnet_fast.layers import FoldCache, conv_norm_act
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(20, 24, 3, stride=2, padding=1, bias=False)
+    norm = torch.nn.BatchNorm2d(24)
+    with torch.no_grad():
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    layer, norm = layer.to(DEVICE).eval(), norm.to(DEVICE).eval()
+    x = channels_last(randn(2, 20, 9, 7))
+    cache = FoldCache()
+
+    def expected():
+        return torch.relu(norm(layer(x)))
+
+    with torch.no_grad(), conv_launches(monkeypatch) as launches:
+        first = conv_norm_act(layer, norm, x, backend="triton", cache=cache)
+        second = conv_norm_act(layer, norm, x, backend="triton", cache=cache)
+        assert_rel(first, expected())
+        assert_rel(second, expected())
+        held = cache.folded(layer, norm, gemm_layout=True)[0]
+        assert held.permute(2, 3, 1, 0).is_contiguous()
+        seen = [launch_args[1] for launch_args, _ in launches]
+        assert seen[0].data_ptr() == seen[1].data_ptr() == held.data_ptr()
+        layer.weight.mul_(-1.0)  # an in-place edit: a new fold
+        third = conv_norm_act(layer, norm, x, backend="triton", cache=cache)
+        assert_rel(third, expected())
+        seen = [launch_args[1] for launch_args, _ in launches]
+        assert seen[2].data_ptr() == cache.folded(layer, norm, gemm_layout=True)[0].data_ptr() != held.data_ptr()
+
+
+# ---------------------------------------------------------------- weight by TMA
+
+# Shapes TMA can address with the interpreter's 16-deep tiles and a GPU's
+# 32- or 64-deep ones (C/g a multiple of 64 for channel blocks; rows of
+# 16-byte multiples), crossing column tiles inside a group and at the end
+# of the weight, and the reduction's end in the flat walk.
+TMA_CASES = {
+    "stem7x7s2_C3": CONV_CASES["stem7x7s2_C3"],  # flat: 147 reduction rows, the last tile past them
+    "1x1_C64_K24": (3, 64, 5, 5, 24, 1, 1, 0, 1, 1),
+    "3x3_C64_K40": (2, 64, 5, 4, 40, 3, 1, 1, 1, 1),  # several channel blocks per tap, a partial column tile
+    "grouped_C64_KG16_s2": (1, 128, 6, 5, 32, 3, 2, 1, 1, 2),  # a group's column tile reads the next group's
+    "grouped_flat": (2, 16, 7, 9, 32, 3, 1, 1, 1, 4),  # 4 channels per group: the flat walk
+}
+needs_tma = pytest.mark.skipif(
+    DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9, reason="TMA needs compute capability 9.0"
+)
+
+
+def _tma_conv(case, dtype):
+    n, c, h, w, k, r, stride, padding, dilation, groups = TMA_CASES[case]
+    x = channels_last(randn(n, c, h, w, dtype=dtype))
+    weight = randn(k, c // groups, r, r, dtype=dtype, scale=(c // groups * r * r) ** -0.5)
+    args = dict(stride=[stride] * 2, padding=[padding] * 2, dilation=[dilation] * 2, groups=groups)
+    return x, weight, randn(k, dtype=dtype), args
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(TMA_CASES))
+def test_conv_with_the_weight_by_tma(monkeypatch, case, dtype):
+    x, weight, bias, args = _tma_conv(case, dtype)
+    res = channels_last(randn(*conv_out_shape(x, weight, args), dtype=dtype))
+    expected = reference_conv(x, weight, bias, res, args, True)
+    with conv_launches(monkeypatch) as launches, poisoned_outputs():
+        out = conv.conv_bias_act(x, weight, bias, res, relu=True, weight_tma=True, **args)
+    assert [kwargs["WEIGHT_TMA"] for _, kwargs in launches] == [True]
+    assert_rel(out, expected)
+
+
+@needs_tma
+def test_tma_weight_keeps_each_groups_nan_to_itself():
+    """A NaN weight in group 1: TMA's tile for group 0 reads it too, and
+    only group 1's output channels may show it."""
+    x, weight, bias, args = _tma_conv("grouped_C64_KG16_s2", torch.float32)
+    weight[16 + 5, 3, 1, 1] = float("nan")
+    expected = reference_conv(x, weight, bias, None, args, False)
+    out = conv.conv_bias_act(x, weight, bias, None, relu=False, weight_tma=True, **args)
+    assert torch.equal(out.isnan(), expected.isnan()) and expected[:, 21].isnan().all()
+    finite = ~expected.isnan()
+    assert_rel(out[finite], expected[finite])
+
+
+@pytest.mark.parametrize("case,dtype,reason", [
+    ("3x3s2_odd", torch.float32, "a row of 10 output channels is not a multiple of 16 bytes"),
+    ("1x1_C64_K24", torch.float16, None),
+    ("1x1s2_downsample", torch.float32, "12 input channels per group are not a multiple of the tile depth"),
+    ("grouped", torch.float16, "groups of 4 output channels do not start at 16-byte boundaries"),
+])
+def test_weight_tma_refusals(case, dtype, reason):
+    x, weight, bias, args = (_tma_conv if case in TMA_CASES else make_conv)(case, dtype)
+    if reason is None:  # addressable, but the automatic choice is TMA on Hopper only
+        w_gemm = weight.permute(2, 3, 1, 0).contiguous()
+        assert conv.weight_tma_refusal(w_gemm, "channel_blocks", weight.shape[1], weight.shape[0]) is None
+        assert not conv._use_weight_tma(w_gemm, "channel_blocks", weight.shape[1], weight.shape[0], "sm80", "ieee",
+                                        None)
+        # a view that starts 8 bytes into its storage
+        shifted = torch.empty(w_gemm.numel() + 4, dtype=dtype, device=w_gemm.device)[4:].view(w_gemm.shape)
+        assert conv.weight_tma_refusal(shifted, "channel_blocks", weight.shape[1], weight.shape[0]) == \
+            "the weight does not start 16-byte aligned"
+        return
+    with pytest.raises(ValueError, match=re.escape(f"weight_tma=True, but TMA cannot load this weight: {reason}")):
+        conv.conv_bias_act(x, weight, bias, None, relu=True, weight_tma=True, reduction="channel_blocks", **args)

@@ -44,7 +44,9 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 class Specialization(NamedTuple):
-    """One compile: a kernel, the call it came from, and one launch config."""
+    """One compile: a kernel, the call it came from, one launch config and
+    the architecture it is compiled for."""
+    arch: int
     case: str
     dtype: str
     kernel: str
@@ -62,8 +64,8 @@ class _Recorder:
     """Stands in for traceable(kernel): kernel[grid](...) records one
     Specialization per config the launch could run with."""
 
-    def __init__(self, kernel, sink: List[Specialization], case: str, dtype: str):
-        self.kernel, self.sink, self.case, self.dtype = kernel, sink, case, dtype
+    def __init__(self, kernel, sink: List[Specialization], arch: int, case: str, dtype: str):
+        self.kernel, self.sink, self.arch, self.case, self.dtype = kernel, sink, arch, case, dtype
 
     def __getitem__(self, grid):
         return self.launch
@@ -82,7 +84,7 @@ class _Recorder:
             constexprs = {p.name: values[p.name] for p in fn.params if p.is_constexpr}
             args = {p.name: _argument_type(values[p.name]) for p in fn.params if not p.is_constexpr}
             self.sink.append(Specialization(
-                self.case, self.dtype, fn.__name__, _config_label(meta, num_warps, num_stages), args, constexprs,
+                self.arch, self.case, self.dtype, fn.__name__, _config_label(meta, num_warps, num_stages), args, constexprs,
                 num_warps, num_stages, "tl.dot" in fn.src or ".dot(" in fn.src,
             ))
 
@@ -99,21 +101,27 @@ def _config_label(meta: Dict, num_warps: int, num_stages: int) -> str:
 
 
 @contextlib.contextmanager
-def _recording(sink: List[Specialization], case: str, dtype: str):
-    saved = [module.traceable for module in LAUNCHING_MODULES]
+def _recording(sink: List[Specialization], arch: int, case: str, dtype: str):
+    """Launches recorded, not made, as on a GPU of compute capability arch
+    (the launchers pick their configs by it)."""
+    saved = [module.traceable for module in LAUNCHING_MODULES], conv.capability
     for module in LAUNCHING_MODULES:
-        module.traceable = lambda kernel: _Recorder(kernel, sink, case, dtype)
+        module.traceable = lambda kernel: _Recorder(kernel, sink, arch, case, dtype)
+    conv.capability = lambda device: divmod(arch, 10)
     try:
         yield
     finally:
-        for module, original in zip(LAUNCHING_MODULES, saved):
+        for module, original in zip(LAUNCHING_MODULES, saved[0]):
             module.traceable = original
+        conv.capability = saved[1]
 
 
 def _conv_calls(fake):
-    """The convolution's two reduction walks at ResNet-50 layers (batch 32):
+    """The convolution's two reduction walks at ResNet layers (batch 32):
     the 7x7/2 RGB stem walks the flat reduction, a 1x1 bottleneck conv with
-    its residual the channel blocks."""
+    its residual the channel blocks, and so does a 3x3 conv of
+    ResNeXt-50 32x4d's layer4 (32 channels per group: too shallow for a
+    16-bit weight tile by TMA, which the others get on sm_90)."""
     def stem(dtype):
         x, w, b = fake(32, 3, 224, 224, dtype=dtype), fake(64, 3, 7, 7, dtype=dtype), fake(64, dtype=dtype)
         conv.conv_bias_act(x, w, b, None, [2, 2], [3, 3], [1, 1], 1, True)
@@ -122,7 +130,12 @@ def _conv_calls(fake):
         x, w, b = fake(32, 64, 56, 56, dtype=dtype), fake(256, 64, 1, 1, dtype=dtype), fake(256, dtype=dtype)
         conv.conv_bias_act(x, w, b, fake(32, 256, 56, 56, dtype=dtype), [1, 1], [0, 0], [1, 1], 1, True)
 
-    return {"stem 7x7/2, C=3 (flat reduction)": stem, "1x1 + residual, C=64 (channel blocks)": expand}
+    def grouped(dtype):
+        x, w, b = fake(32, 1024, 7, 7, dtype=dtype), fake(1024, 32, 3, 3, dtype=dtype), fake(1024, dtype=dtype)
+        conv.conv_bias_act(x, w, b, None, [1, 1], [1, 1], [1, 1], 32, True)
+
+    return {"stem 7x7/2, C=3 (flat reduction)": stem, "1x1 + residual, C=64 (channel blocks)": expand,
+            "3x3, 32 groups of 32 channels (channel blocks)": grouped}
 
 
 def _per_channel_calls(fake):
@@ -144,9 +157,9 @@ def _per_channel_calls(fake):
     return calls
 
 
-def specializations() -> List[Specialization]:
-    """Every kernel x launch config x dtype the launchers can run, recorded
-    from the launchers on fake CUDA tensors."""
+def specializations(archs=(90, 80)) -> List[Specialization]:
+    """Every kernel x launch config x dtype the launchers can run on each
+    architecture, recorded from the launchers on fake CUDA tensors."""
     if INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels are interpreted, there is nothing to compile")
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -165,18 +178,19 @@ def specializations() -> List[Specialization]:
     found: List[Specialization] = []
     saved_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
-        for calls, dtypes in ((_conv_calls(fake), conv_dtypes), (_per_channel_calls(fake), other_dtypes)):
-            for case, call in calls.items():
-                for label, (dtype, tf32) in dtypes.items():
-                    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
-                    with mode, _recording(found, case, label):  # the launchers' own tensors fake too
-                        call(dtype)
+        for arch in archs:
+            for calls, dtypes in ((_conv_calls(fake), conv_dtypes), (_per_channel_calls(fake), other_dtypes)):
+                for case, call in calls.items():
+                    for label, (dtype, tf32) in dtypes.items():
+                        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+                        with mode, _recording(found, arch, case, label):  # the launchers' own tensors fake too
+                            call(dtype)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved_tf32
     # One compile per distinct specialisation (the backward calls share a kernel).
     unique = {}
     for spec in found:
-        key = (spec.kernel, spec.dtype, spec.config, repr(sorted(spec.args.items())),
+        key = (spec.arch, spec.kernel, spec.dtype, spec.config, repr(sorted(spec.args.items())),
                repr(sorted(spec.constexprs.items())))
         unique.setdefault(key, spec)
     return list(unique.values())
@@ -239,15 +253,16 @@ def _registers_and_local(cubin: bytes, name: str):
     return registers, stack + local
 
 
-def compile_one(spec: Specialization, arch: int) -> Dict:
-    """Compile spec for sm_<arch> and read off what it needs."""
+def compile_one(spec: Specialization) -> Dict:
+    """Compile spec for its architecture and read off what it needs."""
     from triton.backends.compiler import GPUTarget
 
     fn = _kernels()[spec.kernel]
     signature, attrs = _signature_and_attrs(fn, spec)
+    arch = spec.arch
     row = {"kernel": spec.kernel, "case": spec.case, "dtype": spec.dtype, "config": spec.config, "arch": arch,
            "num_warps": spec.num_warps, "uses_dot": spec.uses_dot,
-           **{k: spec.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "FLAT_REDUCTION")
+           **{k: spec.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "FLAT_REDUCTION", "WEIGHT_TMA")
               if k in spec.constexprs}}
     start = time.perf_counter()
     try:
@@ -270,30 +285,31 @@ def compile_one(spec: Specialization, arch: int) -> Dict:
         "local_bytes": local,
         "wgmma": "wgmma.mma_async" in ptx,
         "mma_sync": bool(re.search(r"\bmma\.sync\.aligned", ptx)),
+        "tma_load": "cp.async.bulk.tensor" in ptx,
     }
 
 
 @functools.lru_cache(maxsize=None)
-def _specializations_once() -> List[Specialization]:
-    return specializations()
+def _specializations_once(archs) -> List[Specialization]:
+    return specializations(archs)
 
 
 def _compile_job(job):  # in a worker process: record once, compile one
-    index, arch = job
-    return compile_one(_specializations_once()[index], arch)
+    archs, index = job
+    return compile_one(_specializations_once(archs)[index])
 
 
 def compile_all(archs=(90, 80), workers: Optional[int] = None) -> List[Dict]:
     """Every specialisation for every arch, in parallel processes."""
-    specs = specializations()
-    jobs = [(i, arch) for arch in archs for i in range(len(specs))]
+    archs = tuple(archs)
+    specs = specializations(archs)
     workers = workers or os.cpu_count() or 1
     if workers == 1:
-        return [compile_one(specs[i], arch) for i, arch in jobs]
+        return [compile_one(spec) for spec in specs]
     import multiprocessing
 
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile_job, jobs, chunksize=4))
+        return list(pool.map(_compile_job, [(archs, i) for i in range(len(specs))], chunksize=4))
 
 
 # ------------------------------------------------------------ report
@@ -306,23 +322,26 @@ def markdown(rows: List[Dict]) -> str:
         f" (triton {triton.__version__}, no GPU). Every launch config the launchers can pick, at a ResNet-50 "
         "layer's shape. Shared memory is per block (limits: "
         + ", ".join(f"{ARCH_NAMES[a]} {SHARED_MEMORY_LIMIT[a] // 1024} KB" for a in sorted(SHARED_MEMORY_LIMIT))
-        + "); local memory is per thread (spills or stack).",
+        + "); local memory is per thread (spills or stack). The convolution's configs are chosen by the "
+        "device's compute capability (`GPU_TILES` in conv.py): the sm_90 rows are the Hopper set, whose tiles "
+        "suit a warp group (wgmma), the sm_80 rows the set for every other GPU.",
         "",
     ]
     for arch in sorted({r["arch"] for r in rows}, reverse=True):
         mine = [r for r in rows if r["arch"] == arch]
         lines += [f"## {ARCH_NAMES[arch]}", "",
-                  "| kernel | call | dtype | config | shared KB | registers | local B | tl.dot lowered to |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| kernel | call | dtype | config | shared KB | registers | local B | tl.dot lowered to | TMA loads |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             if r["error"]:
                 lines.append(f"| {r['kernel']} | {r['case']} | {r['dtype']} | {r['config']} | compile failed: "
-                             f"{r['error'][:120]} | | | |")
+                             f"{r['error'][:120]} | | | | |")
                 continue
             op = "wgmma" if r["wgmma"] else "mma.sync" if r["mma_sync"] else ("FMA" if r["uses_dot"] else "–")
             over = "" if r["fits_shared_memory"] else " (over the limit)"
             lines.append(f"| {r['kernel']} | {r['case']} | {r['dtype']} | {r['config']} | "
-                         f"{r['shared_bytes'] / 1024:.1f}{over} | {r['registers']} | {r['local_bytes']} | {op} |")
+                         f"{r['shared_bytes'] / 1024:.1f}{over} | {r['registers']} | {r['local_bytes']} | {op} | "
+                         f"{'weight' if r['tma_load'] else '–'} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@ and whether a launch can happen at all (it cannot on FakeTensors under the
 interpreter)."""
 import contextlib
 import os
+from typing import Tuple
 
 import torch
 import triton
@@ -20,6 +21,31 @@ def autotune_enabled() -> bool:
     return os.environ.get("RESNET_FAST_TRITON_AUTOTUNE", "1") != "0"
 
 
+def weight_tma_enabled() -> bool:
+    """Whether the conv kernel may load its weight by TMA where it can (on
+    by default). RESNET_FAST_TRITON_TMA=0 keeps it on ordinary loads, to
+    measure one against the other."""
+    return os.environ.get("RESNET_FAST_TRITON_TMA", "1") != "0"
+
+
+def ensure_scratch_allocator() -> None:
+    """Kernels that build TMA descriptors on the device need a little global
+    scratch memory per launch, which Triton asks an allocator for. Where
+    nobody has set one (in this thread: it is a context variable), set one
+    that takes it from PyTorch's caching allocator, as torch.compile does."""
+    try:
+        from triton.runtime._allocation import NullAllocator, _allocator
+        if not isinstance(_allocator.get(), NullAllocator):
+            return
+    except ImportError:  # another layout of triton's internals: set ours
+        pass
+    triton.set_allocator(_torch_scratch)
+
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     """tl.dot's input_precision for fp32 operands: TF32 only where PyTorch's
     own switches allow it (cuDNN's flag governs convolutions, the matmul flag
@@ -29,6 +55,14 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     if torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+def capability(device: torch.device) -> Tuple[int, int]:
+    """The CUDA compute capability of device; (0, 0) for any other device
+    (the interpreter's CPU tensors)."""
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
 
 
 def launchable(t: torch.Tensor) -> bool:
