@@ -5,10 +5,13 @@ whenever torch is a CUDA build and nvcc is found, whether or not a GPU is
 present. Environment:
   FORCE_CUDA=1            fail instead of skipping CUDA when nvcc is missing
   RESNET_FAST_CPU_ONLY=1  skip the CUDA sources (a quick CPU-only build)
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default without a visible GPU: 8.0;9.0)
-  CUTLASS_PATH            a CUTLASS checkout whose include/ to use (default: the
-                          headers of the installed nvidia-cutlass wheel); without
-                          either, conv_bias_act on CUDA runs on cuDNN only
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default: the visible GPUs', else
+                          8.0;9.0a); 9.0 is built as 9.0a, the target of the
+                          Hopper kernels (wgmma, TMA), which runs on every 9.0 GPU
+  CUTLASS_PATH            a CUTLASS checkout whose include/ and tools/util/include/
+                          to use (default: the headers of the installed
+                          nvidia-cutlass wheel); without either, conv_bias_act on
+                          CUDA runs on cuDNN only
   MAX_JOBS                parallel compile jobs (ninja)
 """
 import glob
@@ -44,7 +47,7 @@ import torch  # noqa: E402
 from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0a"
 
 
 def _flag(name):
@@ -97,6 +100,28 @@ def _cutlass_include_dir():
     return None
 
 
+def _cutlass_util_include_dir(include):
+    """CUTLASS's tools/util/include next to its include/ (the sm90 conv
+    collective includes cutlass/util/packed_stride.hpp from it), or None."""
+    util = os.path.join(os.path.dirname(include), "tools", "util", "include")
+    return util if os.path.exists(os.path.join(util, "cutlass", "util", "packed_stride.hpp")) else None
+
+
+def _cuda_arch_list():
+    """The GPU architectures to build for, with 9.0 as 9.0a, set as
+    TORCH_CUDA_ARCH_LIST for torch's build to read."""
+    listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(" ", ";")
+    if listed.strip(";"):
+        archs = [a for a in listed.split(";") if a]
+    elif torch.cuda.is_available():
+        archs = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+    else:
+        archs = DEFAULT_ARCH_LIST.split(";")
+    archs = ["9.0a" if a == "9.0" else a for a in archs]
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
+    return archs
+
+
 def _sources(*patterns):
     return sorted(
         os.path.relpath(path, ROOT)
@@ -122,12 +147,12 @@ def _extension():
             "resnet_fast._C", sources, include_dirs=[os.path.join(ROOT, "csrc")],
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    archs = _cuda_arch_list()
     include_dirs = [os.path.join(ROOT, "csrc")] + _nvidia_wheel_include_dirs()
     define_macros = [("RESNET_FAST_WITH_CUDA", None)]
     cuda_sources = _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu")
     cutlass_include = _cutlass_include_dir()
+    util_include = _cutlass_util_include_dir(cutlass_include) if cutlass_include is not None else None
     if cutlass_include is not None:
         include_dirs.append(cutlass_include)
         define_macros.append(("RESNET_FAST_WITH_CUTLASS", None))
@@ -135,6 +160,12 @@ def _extension():
         print("resnet_fast: CUTLASS headers not found (pip install nvidia-cutlass or set CUTLASS_PATH); "
               "conv_bias_act on CUDA will run on cuDNN only", file=sys.stderr)
         cuda_sources = [s for s in cuda_sources if not os.path.basename(s).startswith("conv_cutlass_")]
+    # The Hopper kernels: built for sm_90a, where the list has it.
+    if util_include is not None and any(a.startswith("9.0a") for a in archs):
+        include_dirs.append(util_include)
+        define_macros.append(("RESNET_FAST_WITH_SM90", None))
+    else:
+        cuda_sources = [s for s in cuda_sources if not os.path.basename(s).startswith("conv_cutlass_sm90")]
     return cpp_extension.CUDAExtension(
         "resnet_fast._C",
         sources + cuda_sources,

@@ -6,10 +6,10 @@ the ways that matter:
   ours (native|triton)      resnet_fast.ops.conv_bias_act on each kernel backend of the device
                             (the Triton one with the weight in its GEMM layout, as a model's
                             folded-weight cache holds it)
-  ours (native, cutlass|cudnn)
-                            on CUDA, the native op with its convolution forced to the
-                            implicit GEMM or to cuDNN + our epilogue (RESNET_FAST_CUDA_CONV;
-                            "ours (native)" takes the implicit GEMM where it can run)
+  ours (native, cutlass sm90|cutlass sm80|cudnn)
+                            on CUDA, the native op with its convolution forced to one family
+                            of the implicit GEMM (where it runs the layer) or to cuDNN + our
+                            epilogue (RESNET_FAST_CUDA_CONV; "ours (native)" picks by itself)
   conv+epilogue             aten conv, then resnet_fast.ops.bias_act (our separate epilogue)
   cudnn fused               on CUDA, cuDNN's own fused conv + bias (+ residual) + ReLU
                             (torch.cudnn_convolution_relu / _add_relu), where cuDNN runs it
@@ -77,10 +77,20 @@ def _with_cuda_conv(algorithm: str, fn: Callable) -> Callable:
 
 
 def _cuda_conv_choice(x, weight, residual, args) -> str:
-    """The convolution the native CUDA op picks by itself ("cutlass (...)"
+    """The convolution the native CUDA op picks by itself ("cutlass sm80 (...)"
     or "cudnn: why"), whatever RESNET_FAST_CUDA_CONV says now."""
     query = lambda x: ops.cuda_conv_algorithm(x, weight, residual, **args)  # noqa: E731
     return _with_cuda_conv("auto", query)(x)
+
+
+def _family_runs(family: str, x, weight, residual, args) -> bool:
+    """Whether the implicit GEMM's `family` ("cutlass_sm90", "cutlass_sm80")
+    runs this layer on x's GPU."""
+    query = lambda x: ops.cuda_conv_algorithm(x, weight, residual, **args)  # noqa: E731
+    try:
+        return _with_cuda_conv(family, query)(x).startswith("cutlass")
+    except RuntimeError:  # the family cannot run it (and says why)
+        return False
 
 
 def _cudnn_fused(x, weight, bias, residual, relu, args):
@@ -147,8 +157,9 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
     if device.type == "cuda" and "native" in kernel_backends(device):
         native = contenders["ours (native)"]
         cuda_conv = _cuda_conv_choice(x, weight, residual, args)
-        if cuda_conv.startswith("cutlass"):
-            contenders["ours (native, cutlass)"] = _with_cuda_conv("cutlass", native)
+        for family in ("cutlass_sm90", "cutlass_sm80"):
+            if _family_runs(family, x, weight, residual, args):
+                contenders[f"ours (native, {family.replace('_', ' ')})"] = _with_cuda_conv(family, native)
         contenders["ours (native, cudnn)"] = _with_cuda_conv("cudnn", native)
     contenders["conv+epilogue"] = lambda x: ops.bias_act(F.conv2d(x, weight, None, **args), bias, residual, relu,
                                                          "native")

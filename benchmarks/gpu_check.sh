@@ -31,7 +31,7 @@ OUT="${OUT:-benchmarks/out}"
 CHECK_BUDGET_S="${CHECK_BUDGET_S:-540}"
 PHASES="${PHASES:-versions build smoke cuda_tests memcheck triton_tests bench summary}"
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}"
 # One Triton config per reduction walk instead of tuning all of them per shape.
 export RESNET_FAST_TRITON_AUTOTUNE=0
 

@@ -48,12 +48,15 @@ class Family(NamedTuple):
 
 def _families() -> Dict[str, Family]:
     families = {}
-    tiles = {"128x128": ("layer3 3x3", "cutlass (128x128 tiles)"),
-             "128x64": ("layer1 3x3", "cutlass (128x64 tiles)"),
-             "few-channel": ("stem 7x7/2", "cutlass (128x64 tiles, 3 input channels zero-padded to 4)")}
+    tiles = {"128x128": ("layer3 3x3", "cutlass sm80 (128x128 tiles)"),
+             "128x64": ("layer1 3x3", "cutlass sm80 (128x64 tiles)"),
+             "few-channel": ("stem 7x7/2", "cutlass sm80 (128x64 tiles, 3 input channels zero-padded to 4)")}
     for tile, (layer, kernel) in tiles.items():
         for dtype in ("bfloat16", "float16", TF32):
-            families[f"cutlass {tile}, {dtype}"] = Family("conv", "native", dtype, layer, "cutlass", kernel)
+            families[f"cutlass sm80 {tile}, {dtype}"] = Family("conv", "native", dtype, layer, "cutlass_sm80", kernel)
+    for layer, dtype in (("layer3 3x3", "bfloat16"), ("layer2 1x1 +res", "float16")):
+        families[f"cutlass sm90, {layer}, {dtype}"] = Family(
+            "conv", "native", dtype, layer, "cutlass_sm90", "cutlass sm90 (128x128x64 tiles, wgmma, TMA im2col)")
     families["cudnn + epilogue, bfloat16"] = Family("conv", "native", "bfloat16", "layer2 1x1 +res", "cudnn", "cudnn")
     for dtype in ("bfloat16", "float32"):
         families[f"native conv (auto), {dtype}"] = Family("conv", "native", dtype, "layer2 1x1 +res", gpu_only=False)
@@ -161,7 +164,9 @@ def run_family(name: str, device: str) -> Dict:
             from resnet_fast import ops as public_ops
 
             x, weight, _, res, stride, padding, dilation, groups, _ = args
-            choice = public_ops.cuda_conv_algorithm(x, weight, res, stride, padding, dilation, groups)
+            # On the CPU, the choice an H200 (compute capability 9.0) would make.
+            capability = None if device == "cuda" else 90
+            choice = public_ops.cuda_conv_algorithm(x, weight, res, stride, padding, dilation, groups, capability)
             result["kernel" if device == "cuda" else "kernel_on_cuda"] = choice
         outputs = getattr(ops, op_name)(*args)
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact reference

@@ -142,15 +142,18 @@ def cuda_conv_algorithm(
     padding: IntOrPair = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
+    capability: Optional[int] = None,
 ) -> str:
     """Which convolution conv_bias_act(backend="native") runs for these
     arguments on CUDA tensors, under the current RESNET_FAST_CUDA_CONV: the
-    implicit GEMM, named with its kernel ("cutlass (128x128 tiles)",
-    "cutlass (128x64 tiles)", or for inputs of at most 4 channels
-    "cutlass (128x64 tiles, 3 input channels zero-padded to 4)"), or
-    "cudnn: " and why. Only dtypes, sizes and addresses are read, so the
-    tensors may be on any device; needs the extension built with its CUDA
-    kernels."""
+    implicit GEMM, named with its kernel ("cutlass sm90 (128x128x64 tiles,
+    wgmma, TMA im2col)" on Hopper; "cutlass sm80 (128x128 tiles)",
+    "cutlass sm80 (128x64 tiles)", or for inputs of at most 4 channels
+    "cutlass sm80 (128x64 tiles, 3 input channels zero-padded to 4)" of the SM80
+    family), or "cudnn: " and why. Only dtypes, sizes and addresses are read,
+    so the tensors may be on any device; `capability` (major * 10 + minor,
+    e.g. 90) is the GPU to decide for, by default x's (none for a CPU
+    tensor). Needs the extension built with its CUDA kernels."""
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     dilation = effective_dilation(weight.shape, dilation)
     x, stride, padding = crop_for_unit_outputs(x, weight.shape, stride, padding, dilation)
@@ -159,7 +162,7 @@ def cuda_conv_algorithm(
     except (AttributeError, RuntimeError):
         raise RuntimeError("resnet_fast: the compiled extension has no CUDA kernels, so no CUDA convolution "
                            "to choose") from None
-    return query(x, weight, residual, list(stride), list(padding), list(dilation), groups)
+    return query(x, weight, residual, list(stride), list(padding), list(dilation), groups, capability)
 
 
 def bias_act(

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT = os.path.join(ROOT, "csrc", "cuda", "KERNELS.md")
 
 COMPILE = re.compile(r"^\[\d+/\d+\] .*nvcc .* -c (?:-c )?(\S+\.cu) ")
-ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
+ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'")
 FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 USED = re.compile(r"Used (\d+) registers(?:, used \d+ barriers)?(?:, (\d+) bytes smem)?")
 
@@ -49,6 +49,10 @@ def short_name(mangled: str, demangled: str) -> str:
     arguments elided; CUTLASS kernels, named by their whole type, by their
     block tile (M x N x reduction depth) and activation iterator."""
     name = re.sub(r"^void ", "", demangled)
+    if "ConvUniversal" in mangled:  # the Hopper family: one tile shape, a kernel per dtype and activation
+        dtype = "bfloat16" if "bfloat16_t" in mangled else "float16" if "half_t" in mangled else "?"
+        activation = "ReLU" if "ReluKeepingNan" in mangled else "no activation"
+        return f"cutlass sm90 conv, 128x128x64 tile, {dtype}, {activation}"
     if name.startswith(("cutlass::Kernel", "_ZN7cutlass6Kernel")):  # c++filt gives up on some of these
         tile = CUTLASS_TILE.search(mangled)
         shape = "x".join(tile.groups()) if tile else "?"
@@ -87,7 +91,11 @@ def write(rows) -> None:
         "(csrc/cuda/conv_cutlass.cuh) runs 128 threads per block and takes 4",
         "stages of a 128-pixel and a 128- or 64-channel tile, each 64 bytes deep",
         "in the reduction (32 16-bit or 16 TF32 values): 64 KiB per block for",
-        "128x128 tiles, 48 KiB for 128x64.",
+        "128x128 tiles, 48 KiB for 128x64. The Hopper convolution",
+        "(csrc/cuda/conv_cutlass_sm90.cuh) runs 256 threads (a producer and a",
+        "consumer warp group) on as many pipeline stages as fit beside its",
+        "epilogue, all in dynamic shared memory; its sm_80 build is an empty",
+        "stub (CUTLASS compiles its body for sm_90a only).",
         "",
         "| source | kernel | arch | registers | stack (B) | spill stores (B) | spill loads (B) | static smem (B) |",
         "|---|---|---|---|---|---|---|---|",

@@ -37,6 +37,6 @@ git ls-files -z --cached --others --exclude-standard |
     while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done | xargs -0 cp --parents -t "$tree"
 cd "$tree"
 # The GPU machine builds for its own card only (gpu_check.sh): sm_90.
-TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" "$python" setup.py build_ext --inplace \
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" "$python" setup.py build_ext --inplace \
     > build.log 2>&1 || { tail -40 build.log; echo "build against the GPU machine's versions failed"; exit 1; }
 "$python" -m pytest -p no:cacheprovider "$@"

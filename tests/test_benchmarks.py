@@ -72,10 +72,10 @@ def test_per_layer_table_says_which_cuda_convolution_ran():
              "batch": 256, "dtype": "bfloat16", "median_ms": 1.0, "tflops": 100.0, "speedup_vs_eager": 1.0}
     rows = [dict(layer, contender="eager"),
             dict(layer, contender="ours (native)", median_ms=0.5, speedup_vs_eager=2.0,
-                 cuda_conv="cutlass (128x64 tiles, 3 input channels zero-padded to 4)")]
+                 cuda_conv="cutlass sm80 (128x64 tiles, 3 input channels zero-padded to 4)")]
     table = markdown(env, rows)
     assert "| cuda_conv |" in table
-    assert "| 2.00x | cutlass (128x64 tiles, 3 input channels zero-padded to 4) |" in table
+    assert "| 2.00x | cutlass sm80 (128x64 tiles, 3 input channels zero-padded to 4) |" in table
     # Without such rows (a CPU run) the column is left out.
     assert "cuda_conv" not in markdown(dict(env, device="cpu"), rows[:1])
 

@@ -41,4 +41,4 @@ def test_implicit_gemm_is_compiled_when_cutlass_is_installed(monkeypatch):
     x = torch.randn(1, 16, 8, 8, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(16, 16, 3, 3, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     monkeypatch.delenv("RESNET_FAST_CUDA_CONV", raising=False)
-    assert ops.cuda_conv_algorithm(x, weight, padding=1) == "cutlass (128x64 tiles)"
+    assert ops.cuda_conv_algorithm(x, weight, padding=1) == "cutlass sm80 (128x64 tiles)"

@@ -38,19 +38,19 @@ IGEMM_CASES = {
 # The kernel each takes: 128x128 tiles for more than 64 output channels,
 # 128x64 for fewer, and the few-channel kernel for at most 4 input channels.
 IGEMM_KERNELS = {
-    "3x3s1_batch1_odd": "cutlass (128x64 tiles)",
-    "3x3s2_odd": "cutlass (128x64 tiles)",
-    "1x1": "cutlass (128x64 tiles)",
-    "1x1s2_downsample": "cutlass (128x64 tiles)",
-    "stem7x7s2_C8": "cutlass (128x64 tiles)",
-    "dilated": "cutlass (128x64 tiles)",
-    "K264_M429": "cutlass (128x128 tiles)",
-    "C520_1x1": "cutlass (128x128 tiles)",
-    "K128_3x3s2": "cutlass (128x128 tiles)",
-    "stem7x7s2_C3": "cutlass (128x64 tiles, 3 input channels zero-padded to 4)",
-    "C4_K136": "cutlass (128x64 tiles, 4 input channels)",
-    "C1_dilated_batch1": "cutlass (128x64 tiles, 1 input channel zero-padded to 4)",
-    "C2_5x5s2": "cutlass (128x64 tiles, 2 input channels zero-padded to 4)",
+    "3x3s1_batch1_odd": "cutlass sm80 (128x64 tiles)",
+    "3x3s2_odd": "cutlass sm80 (128x64 tiles)",
+    "1x1": "cutlass sm80 (128x64 tiles)",
+    "1x1s2_downsample": "cutlass sm80 (128x64 tiles)",
+    "stem7x7s2_C8": "cutlass sm80 (128x64 tiles)",
+    "dilated": "cutlass sm80 (128x64 tiles)",
+    "K264_M429": "cutlass sm80 (128x128 tiles)",
+    "C520_1x1": "cutlass sm80 (128x128 tiles)",
+    "K128_3x3s2": "cutlass sm80 (128x128 tiles)",
+    "stem7x7s2_C3": "cutlass sm80 (128x64 tiles, 3 input channels zero-padded to 4)",
+    "C4_K136": "cutlass sm80 (128x64 tiles, 4 input channels)",
+    "C1_dilated_batch1": "cutlass sm80 (128x64 tiles, 1 input channel zero-padded to 4)",
+    "C2_5x5s2": "cutlass sm80 (128x64 tiles, 2 input channels zero-padded to 4)",
 }
 # float32 runs on TF32 tensor cores, so only where PyTorch allows TF32.
 IGEMM_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -174,7 +174,7 @@ def test_environment_variable_selects_the_convolution(monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cudnn")
     assert _algorithm(x, weight, None, args) == "cudnn: RESNET_FAST_CUDA_CONV=cudnn"
     monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "fastest")
-    with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV must be auto, cutlass or cudnn, got 'fastest'"):
+    with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV must be auto, cutlass, cutlass_sm90, cutlass_sm80 or cudnn, got 'fastest'"):
         _algorithm(x, weight, None, args)
     # Forcing the implicit GEMM on a convolution it cannot run names why.
     geometry, dtype, _, reason = CUDNN_CASES["grouped"]
@@ -183,6 +183,67 @@ def test_environment_variable_selects_the_convolution(monkeypatch):
     with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV=cutlass, but the implicit-GEMM convolution "
                                            "cannot run this one"):
         _algorithm(x, weight, None, args)
+
+
+# ---------------------------------------------------------------- the Hopper family (any machine)
+
+SM90_KERNEL = "cutlass sm90 (128x128x64 tiles, wgmma, TMA im2col)"
+# Cases the Hopper kernel refuses: fewer than 8 input channels (its TMA
+# loads 16 bytes of channels at a time); the SM80 family takes them.
+SM90_REFUSED = {"stem7x7s2_C3", "C4_K136", "C1_dilated_batch1", "C2_5x5s2"}
+
+
+@pytest.fixture
+def sm90_built(auto_choice):
+    x, weight, _, args = _conv("1x1", torch.float16)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RESNET_FAST_CUDA_CONV", "cutlass_sm90")
+        try:
+            ops.cuda_conv_algorithm(x, weight, None, **args, capability=90)
+        except RuntimeError as error:
+            if "built without its sm_90a kernels" in str(error):
+                pytest.skip("the extension was built without its sm_90a kernels (TORCH_CUDA_ARCH_LIST without 9.0)")
+            raise
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("case", list(IGEMM_CASES))
+@pytest.mark.parametrize("dtype", IGEMM_DTYPES, ids=str)
+def test_hopper_runs_the_16_bit_convolutions_it_can(case, dtype, sm90_built):
+    """On compute capability 9.x the Hopper kernel takes float16 and
+    bfloat16 wherever CUTLASS's sm90 convolution can; TF32, the few-channel
+    inputs and every other GPU stay with the SM80 family."""
+    x, weight, _, args = _conv(case, dtype)
+    residual = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype))
+    hopper = dtype != torch.float32 and case not in SM90_REFUSED
+    for capability in (90, 80, 89, 100, 120):
+        expected = SM90_KERNEL if hopper and capability == 90 else IGEMM_KERNELS[case]
+        assert ops.cuda_conv_algorithm(x, weight, residual, **args, capability=capability) == expected
+    assert _algorithm(x, weight, None, args) == IGEMM_KERNELS[case]  # CPU tensors: no Hopper
+
+
+@needs_cuda_build
+def test_environment_variable_forces_a_family(monkeypatch, sm90_built):
+    x, weight, _, args = _conv("1x1", torch.float16)
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cutlass_sm80")
+    assert ops.cuda_conv_algorithm(x, weight, None, **args, capability=90) == IGEMM_KERNELS["1x1"]
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cutlass_sm90")
+    assert ops.cuda_conv_algorithm(x, weight, None, **args, capability=90) == SM90_KERNEL
+    refused = "RESNET_FAST_CUDA_CONV=cutlass_sm90, but the Hopper kernel cannot run this convolution: "
+    with pytest.raises(RuntimeError, match=refused + r"compute capability 8\.0 is not Hopper \(9\.x\)"):
+        ops.cuda_conv_algorithm(x, weight, None, **args, capability=80)
+    with pytest.raises(RuntimeError, match=refused + "it takes float16 and bfloat16, got Float"):
+        ops.cuda_conv_algorithm(x.float(), weight.float(), None, **args, capability=90)
+    stem_x, stem_weight, _, stem_args = _conv("stem7x7s2_C3", torch.bfloat16)
+    with pytest.raises(RuntimeError, match=refused + "CUTLASS's sm90 convolution refuses it"):
+        ops.cuda_conv_algorithm(stem_x, stem_weight, None, **stem_args, capability=90)
+    # Padding past what its TMA im2col addresses (a corner more than 128
+    # pixels out): the SM80 family takes it.
+    wide = dict(args, padding=129)
+    with pytest.raises(RuntimeError, match=refused + "CUTLASS's sm90 convolution refuses it"):
+        ops.cuda_conv_algorithm(x, weight, None, **wide, capability=90)
+    monkeypatch.delenv("RESNET_FAST_CUDA_CONV")
+    assert ops.cuda_conv_algorithm(x, weight, None, **wide, capability=90) == IGEMM_KERNELS["1x1"]
 
 
 @needs_cuda_build
@@ -198,7 +259,7 @@ def test_choice_checks_its_arguments():
 @pytest.mark.parametrize("case", list(IGEMM_CASES))
 @pytest.mark.parametrize("dtype", IGEMM_DTYPES, ids=str)
 @pytest.mark.parametrize("residual,relu", [(True, True), (False, True), (False, False), (True, False)])
-@pytest.mark.parametrize("algorithm", ["cutlass", "cudnn"])
+@pytest.mark.parametrize("algorithm", ["cutlass_sm80", "cutlass_sm90", "cudnn"])
 @pytest.mark.cuda
 @needs_gpu
 def test_cuda_convolutions_match_reference(case, dtype, residual, relu, algorithm, monkeypatch, tf32):
@@ -208,7 +269,14 @@ def test_cuda_convolutions_match_reference(case, dtype, residual, relu, algorith
     tf32(False)  # an exact float32 reference
     expected = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="reference", **args)
     tf32(True)  # float32 runs on TF32 tensor cores (both algorithms)
-    assert _algorithm(x, weight, res, args).startswith(algorithm)
+    if algorithm == "cutlass_sm90":
+        if torch.cuda.get_device_capability()[0] != 9:
+            pytest.skip("the Hopper kernels need compute capability 9.x")
+        if dtype == torch.float32 or case in SM90_REFUSED:
+            with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV=cutlass_sm90, but the Hopper kernel"):
+                ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="native", **args)
+            return
+    assert _algorithm(x, weight, res, args).startswith(algorithm.replace("_", " "))
     poison_allocator(expected.numel(), "cuda")
     out = ops.conv_bias_act(x, weight, bias, res, relu=relu, backend="native", **args)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
@@ -229,12 +297,40 @@ def test_implicit_gemm_any_input_layout(layout, monkeypatch):
     assert_rel(ops.conv_bias_act(x, weight, bias, res, backend="native", **args), expected)
 
 
+@pytest.mark.parametrize("algorithm,dtype", [("cutlass_sm80", torch.float16), ("cutlass_sm90", torch.bfloat16)])
 @pytest.mark.cuda
 @needs_gpu
-def test_implicit_gemm_keeps_nan_through_relu(monkeypatch):
-    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cutlass")
-    x, weight, bias, args = _conv("1x1", torch.float16, device="cuda")
+def test_implicit_gemm_keeps_nan_through_relu(algorithm, dtype, monkeypatch):
+    if algorithm == "cutlass_sm90" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Hopper kernels need compute capability 9.x")
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", algorithm)
+    x, weight, bias, args = _conv("1x1", dtype, device="cuda")
     bias[3] = float("nan")
     out = ops.conv_bias_act(x, weight, bias, None, relu=True, backend="native", **args)
     assert out[:, 3].isnan().all() and not out[:, 4:].isnan().any()
 
+
+# ResNet-50's layer4 at batch 1 (a grid of one row of tiles) and 256.
+HOPPER_LAYERS = {
+    "layer4_3x3_batch1": (1, 512, 7, 7, 512, 3, 1, 1, 1, 1),
+    "layer4_3x3_batch256": (256, 512, 7, 7, 512, 3, 1, 1, 1, 1),
+    "layer4_1x1_expand_batch256": (256, 512, 7, 7, 2048, 1, 1, 0, 1, 1),
+    "layer4_3x3s2_batch1": (1, 512, 14, 14, 512, 3, 2, 1, 1, 1),
+}
+needs_hopper = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9,
+                                  reason="needs a compute capability 9.x GPU")
+
+
+@pytest.mark.parametrize("case", list(HOPPER_LAYERS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("algorithm", ["cutlass_sm90", "cutlass_sm80"])
+@pytest.mark.cuda
+@needs_hopper
+def test_layer4_shapes_on_both_families(case, dtype, algorithm, monkeypatch):
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", algorithm)
+    x, weight, bias, args = _conv(case, dtype, cases=HOPPER_LAYERS, device="cuda")
+    res = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype, device="cuda"))
+    expected = ops.conv_bias_act(x, weight, bias, res, relu=True, backend="reference", **args)
+    assert _algorithm(x, weight, res, args).startswith(algorithm.replace("_", " "))
+    poison_allocator(expected.numel(), "cuda")
+    assert_rel(ops.conv_bias_act(x, weight, bias, res, relu=True, backend="native", **args), expected)

@@ -3,6 +3,7 @@
 // in conv_cutlass_{f16,bf16,tf32}.cu.
 #include "conv_cutlass.h"
 
+#include <ATen/cuda/CUDAContext.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,8 +19,11 @@ ConvAlgorithm requested_conv_algorithm() {
   const char* value = std::getenv("RESNET_FAST_CUDA_CONV");
   if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return ConvAlgorithm::kAuto;
   if (std::strcmp(value, "cutlass") == 0) return ConvAlgorithm::kCutlass;
+  if (std::strcmp(value, "cutlass_sm90") == 0) return ConvAlgorithm::kCutlassSm90;
+  if (std::strcmp(value, "cutlass_sm80") == 0) return ConvAlgorithm::kCutlassSm80;
   if (std::strcmp(value, "cudnn") == 0) return ConvAlgorithm::kCudnn;
-  TORCH_CHECK(false, "resnet_fast: RESNET_FAST_CUDA_CONV must be auto, cutlass or cudnn, got '", value, "'");
+  TORCH_CHECK(false, "resnet_fast: RESNET_FAST_CUDA_CONV must be auto, cutlass, cutlass_sm90, cutlass_sm80 or cudnn, got '",
+              value, "'");
 }
 
 namespace {
@@ -86,11 +90,19 @@ std::optional<std::string> cudnn_reason(const at::Tensor& x, const at::Tensor& w
   if (algorithm == ConvAlgorithm::kCudnn) return std::string("RESNET_FAST_CUDA_CONV=cudnn");
   std::optional<std::string> reason =
       cutlass_unsupported_reason(x, weight, residual, stride, padding, dilation, groups);
-  TORCH_CHECK(!reason.has_value() || algorithm == ConvAlgorithm::kAuto,
-              "resnet_fast: RESNET_FAST_CUDA_CONV=cutlass, but the implicit-GEMM convolution cannot run this one: ",
+  TORCH_CHECK(!reason.has_value() || algorithm == ConvAlgorithm::kAuto, "resnet_fast: RESNET_FAST_CUDA_CONV=",
+              std::getenv("RESNET_FAST_CUDA_CONV"), ", but the implicit-GEMM convolution cannot run this one: ",
               *reason);
   return reason;
 }
+
+int64_t device_capability(const at::Tensor& x) {
+  if (!x.is_cuda()) return 0;
+  const cudaDeviceProp* properties = at::cuda::getDeviceProperties(x.device().index());
+  return properties->major * 10 + properties->minor;
+}
+
+std::string sm90_kernel_name() { return "cutlass sm90 (128x128x64 tiles, wgmma, TMA im2col)"; }
 
 CutlassKernel choose_cutlass_kernel(int64_t C, int64_t K) {
   if (C <= kFewChannels) return CutlassKernel::kFewChannels;
@@ -100,12 +112,12 @@ CutlassKernel choose_cutlass_kernel(int64_t C, int64_t K) {
 std::string cutlass_kernel_name(CutlassKernel kernel, int64_t C) {
   switch (kernel) {
     case CutlassKernel::kWide:
-      return "cutlass (128x128 tiles)";
+      return "cutlass sm80 (128x128 tiles)";
     case CutlassKernel::kNarrow:
-      return "cutlass (128x64 tiles)";
+      return "cutlass sm80 (128x64 tiles)";
     case CutlassKernel::kFewChannels:
-      if (C == kFewChannels) return concat("cutlass (128x64 tiles, ", kFewChannels, " input channels)");
-      return concat("cutlass (128x64 tiles, ", C, C == 1 ? " input channel" : " input channels", " zero-padded to ",
+      if (C == kFewChannels) return concat("cutlass sm80 (128x64 tiles, ", kFewChannels, " input channels)");
+      return concat("cutlass sm80 (128x64 tiles, ", C, C == 1 ? " input channel" : " input channels", " zero-padded to ",
                     kFewChannels, ")");
   }
   return "cutlass";
@@ -137,6 +149,16 @@ CutlassConvArgs launch_geometry(const at::Tensor& x, const at::Tensor& weight, a
   return args;
 }
 
+#if defined(RESNET_FAST_WITH_SM90)
+std::string sm90_unsupported(const CutlassConvArgs& args, at::ScalarType dtype) {
+  return dtype == at::kHalf ? sm90_unsupported_f16(args) : sm90_unsupported_bf16(args);
+}
+
+std::string launch_sm90(const CutlassConvArgs& args, at::ScalarType dtype) {
+  return dtype == at::kHalf ? launch_conv_sm90_f16(args) : launch_conv_sm90_bf16(args);
+}
+#endif
+
 std::string launch(const CutlassConvArgs& args, at::ScalarType dtype, CutlassKernel kernel) {
   return dtype == at::kHalf       ? launch_conv_cutlass_f16(args, kernel)
          : dtype == at::kBFloat16 ? launch_conv_cutlass_bf16(args, kernel)
@@ -152,15 +174,56 @@ at::Tensor pad_channels(const at::Tensor& t, int64_t channels) {
 }  // namespace
 #endif  // RESNET_FAST_WITH_CUTLASS
 
+std::optional<std::string> sm90_unsupported_reason(const at::Tensor& x, const at::Tensor& weight,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation, bool relu, int64_t capability) {
+#if !defined(RESNET_FAST_WITH_SM90)
+  return std::string("the extension was built without its sm_90a kernels (TORCH_CUDA_ARCH_LIST without 9.0a)");
+#else
+  if (capability / 10 != 9)
+    return concat("compute capability ", capability / 10, ".", capability % 10, " is not Hopper (9.x)");
+  const at::ScalarType dtype = x.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16)
+    return concat("it takes float16 and bfloat16, got ", dtype, " (TF32 runs on the SM80 family)");
+  CutlassConvArgs args = launch_geometry(x, weight, stride, padding, dilation);
+  args.relu = relu;
+  const std::string refusal = sm90_unsupported(args, dtype);
+  if (!refusal.empty())
+    return concat("CUTLASS's sm90 convolution refuses it (", refusal,
+                  "): it needs input and output channels that are multiples of 8, and padding and dilation within "
+                  "its TMA im2col limits");
+  return std::nullopt;
+#endif
+}
+
+namespace {
+
+// Whether the implicit GEMM runs this convolution on the Hopper family, under
+// RESNET_FAST_CUDA_CONV; raises when that asks for a family that cannot run it.
+bool use_sm90(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+              at::IntArrayRef dilation, bool relu, int64_t capability) {
+  const ConvAlgorithm algorithm = requested_conv_algorithm();
+  if (algorithm == ConvAlgorithm::kCutlassSm80) return false;
+  const std::optional<std::string> reason =
+      sm90_unsupported_reason(x, weight, stride, padding, dilation, relu, capability);
+  TORCH_CHECK(!reason.has_value() || algorithm != ConvAlgorithm::kCutlassSm90,
+              "resnet_fast: RESNET_FAST_CUDA_CONV=cutlass_sm90, but the Hopper kernel cannot run this convolution: ",
+              *reason);
+  return !reason.has_value();
+}
+
+}  // namespace
+
 at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias,
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool relu) {
 #if !defined(RESNET_FAST_WITH_CUTLASS)
   TORCH_CHECK(false, "resnet_fast: the extension was built without the CUTLASS headers");
 #else
+  const bool sm90 = use_sm90(x_in, weight_in, stride, padding, dilation, relu, device_capability(x_in));
   const CutlassKernel kernel = choose_cutlass_kernel(x_in.size(1), weight_in.size(0));
   // The few-channel kernel reads exactly kFewChannels channels per filter tap.
-  const bool pad = x_in.size(1) < kFewChannels;
+  const bool pad = !sm90 && x_in.size(1) < kFewChannels;
   const at::Tensor x = pad ? pad_channels(x_in, kFewChannels) : x_in;
   const at::Tensor weight = pad ? pad_channels(weight_in, kFewChannels) : weight_in;
   CutlassConvArgs args = launch_geometry(x, weight, stride, padding, dilation);
@@ -178,7 +241,11 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weigh
   args.bias = bias_f32.data_ptr<float>();
   args.residual = residual.has_value() ? residual->data_ptr() : nullptr;
   args.out = out.data_ptr();
+#if defined(RESNET_FAST_WITH_SM90)
+  const std::string error = sm90 ? launch_sm90(args, x.scalar_type()) : launch(args, x.scalar_type(), kernel);
+#else
   const std::string error = launch(args, x.scalar_type(), kernel);
+#endif
   TORCH_CHECK(error.empty(), "resnet_fast: the implicit-GEMM convolution failed: ", error);
   return out;
 #endif
@@ -186,11 +253,11 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weigh
 
 namespace {
 
-// What conv_bias_act would run for these arguments: "cutlass (<kernel>)", or
+// What conv_bias_act would run for these arguments: "cutlass sm80 (<kernel>)", or
 // "cudnn: " and why. For tests and benchmarks; takes tensors on any device.
 std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
-                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                           int64_t groups) {
+                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                           std::optional<int64_t> capability) {
   const at::Tensor bias = at::zeros({weight.size(0)}, x.options());
   check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups);
   std::optional<at::Tensor> residual_nhwc;
@@ -199,6 +266,9 @@ std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const 
       cudnn_reason(as_nhwc(x), weight.contiguous(at::MemoryFormat::ChannelsLast), residual_nhwc, stride, padding,
                    effective_dilation(weight, dilation), groups);
   if (reason.has_value()) return "cudnn: " + *reason;
+  const std::vector<int64_t> dil = effective_dilation(weight, dilation);
+  if (use_sm90(x, weight, stride, padding, dil, true, capability.value_or(device_capability(x))))
+    return sm90_kernel_name();
   return cutlass_kernel_name(choose_cutlass_kernel(x.size(1), weight.size(0)), x.size(1));
 }
 
@@ -208,7 +278,8 @@ std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const 
 // Takes tensors on any device and launches nothing.
 int64_t cutlass_reduction_steps(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const std::string algorithm = conv_algorithm(x, weight, std::nullopt, stride, padding, dilation, 1);
+  // The SM80 family's plan, whatever device the tensors are on.
+  const std::string algorithm = conv_algorithm(x, weight, std::nullopt, stride, padding, dilation, 1, 0);
   TORCH_CHECK(algorithm.rfind("cutlass", 0) == 0, "resnet_fast: the implicit GEMM does not run this convolution: ",
               algorithm);
 #if defined(RESNET_FAST_WITH_CUTLASS)
@@ -231,7 +302,7 @@ int64_t cutlass_reduction_steps(const at::Tensor& x, const at::Tensor& weight, a
 TORCH_LIBRARY(resnet_fast_cuda, m) {
   m.def(
       "conv_algorithm(Tensor x, Tensor weight, Tensor? residual, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups) -> str",
+      "int[2] dilation, int groups, int? capability=None) -> str",
       &resnet_fast::gpu::conv_algorithm);
   m.def("cutlass_reduction_steps(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> int",
         &resnet_fast::gpu::cutlass_reduction_steps);

@@ -17,8 +17,12 @@ namespace resnet_fast::gpu {
 //   unset / "auto"  the implicit GEMM where it can run (see
 //                   cutlass_unsupported_reason), cuDNN + our epilogue elsewhere;
 //   "cutlass"       the implicit GEMM, or an error naming why it cannot run;
+//   "cutlass_sm90"  the Hopper family of the implicit GEMM, or an error;
+//   "cutlass_sm80"  the SM80 family, also on Hopper, or an error;
 //   "cudnn"         cuDNN + our epilogue for every convolution.
-enum class ConvAlgorithm { kAuto, kCutlass, kCudnn };
+// Within the implicit GEMM the Hopper family runs where sm90_unsupported_reason
+// allows, the SM80 family elsewhere.
+enum class ConvAlgorithm { kAuto, kCutlass, kCutlassSm90, kCutlassSm80, kCudnn };
 ConvAlgorithm requested_conv_algorithm();
 
 // Why the implicit GEMM cannot run this convolution, or nullopt when it can.
@@ -70,7 +74,7 @@ constexpr int64_t kFewChannels = 4;
 // The kernel for C input and K output channels, where the implicit GEMM can
 // run the convolution (cutlass_unsupported_reason).
 CutlassKernel choose_cutlass_kernel(int64_t C, int64_t K);
-// "cutlass (128x128 tiles)" and so on, as ops.cuda_conv_algorithm says.
+// "cutlass sm80 (128x128 tiles)" and so on, as ops.cuda_conv_algorithm says.
 std::string cutlass_kernel_name(CutlassKernel kernel, int64_t C);
 
 // Run out = act(conv(x, weight) + bias + residual) with one kernel on the
@@ -81,11 +85,33 @@ std::string launch_conv_cutlass_f16(const CutlassConvArgs& args, CutlassKernel k
 std::string launch_conv_cutlass_bf16(const CutlassConvArgs& args, CutlassKernel kernel);
 std::string launch_conv_cutlass_tf32(const CutlassConvArgs& args, CutlassKernel kernel);
 
+// The Hopper family (conv_cutlass_sm90.cuh; CUTLASS 3, wgmma and TMA,
+// 128x128x64 tiles), in builds for sm_90a: float16 and bfloat16. The
+// *_unsupported functions are host arithmetic (CUTLASS's can_implement):
+// empty when the kernel takes the problem, else why not.
+std::string sm90_unsupported_f16(const CutlassConvArgs& args);
+std::string sm90_unsupported_bf16(const CutlassConvArgs& args);
+std::string launch_conv_sm90_f16(const CutlassConvArgs& args);
+std::string launch_conv_sm90_bf16(const CutlassConvArgs& args);
+
+// Why the Hopper family cannot run this convolution on a device of compute
+// capability major.minor = `capability` / 10 (as cutlass_unsupported_reason,
+// which must hold already), or nullopt when it can.
+std::optional<std::string> sm90_unsupported_reason(const at::Tensor& x, const at::Tensor& weight,
+                                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                                   at::IntArrayRef dilation, bool relu, int64_t capability);
+// "cutlass sm90 (128x128x64 tiles, wgmma, TMA im2col)", as ops.cuda_conv_algorithm says.
+std::string sm90_kernel_name();
+
 // conv_bias_act on the implicit GEMM; the caller has checked the arguments,
 // holds the device guard and made sure cudnn_reason is nullopt for exactly
 // these (channels_last contiguous) tensors.
 at::Tensor conv_bias_act_cutlass(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                  const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool relu);
+
+// The compute capability of x's CUDA device as major * 10 + minor; 0 for
+// tensors on any other device.
+int64_t device_capability(const at::Tensor& x);
 
 }  // namespace resnet_fast::gpu
