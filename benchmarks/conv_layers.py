@@ -14,6 +14,10 @@ the ways that matter:
   cudnn fused               on CUDA, cuDNN's own fused conv + bias (+ residual) + ReLU
                             (torch.cudnn_convolution_relu / _add_relu), where cuDNN runs it
   ours (native, prepacked)  the native op with the weight prepacked for oneDNN (CPU only)
+  ours (tuned)              the layer as a model tuned by resnet_fast.tune() runs it: the
+                            fastest right candidate (on CUDA: each convolution family of the
+                            native op, Triton, the reference), chosen in a short tuning run of
+                            its own before the timing; the choice is in the row
 
 On the CPU these are the candidate implementations of conv_bias_act; the
 kernel uses whichever this measures fastest.
@@ -25,7 +29,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from resnet_fast import ops
+from resnet_fast import ops, tuning
+from resnet_fast.layers import FoldCache, conv_norm_act
 
 from .end_to_end import kernel_backends
 from .timing import compare
@@ -166,12 +171,18 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
     fused = _cudnn_fused(x, weight, bias, residual, relu, args)
     if fused is not None:
         contenders["cudnn fused"] = fused
+    # What a model tuned by resnet_fast.tune() runs for this layer, timed as
+    # the model runs it (its own folded-weight cache).
+    tuned = tuning.tune_layer(conv, bn, x, residual, relu, repeats=3)
+    if tuned is not None:
+        cache = FoldCache()
+        contenders["ours (tuned)"] = lambda x: conv_norm_act(conv, bn, x, residual, relu, tuned, cache)
     packed = ops.prepack_conv_weight(weight, s, p, d, g, x.shape) if device.type == "cpu" else None
     if packed is not None:
         contenders["ours (native, prepacked)"] = lambda x: ops.conv_bias_act(x, packed, bias, residual, relu=relu,
                                                                             **args)
     flops = 2 * out_shape.numel() * c // g * r * r
-    return contenders, x, flops, cuda_conv
+    return contenders, x, flops, cuda_conv, tuned
 
 
 def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.device,
@@ -180,7 +191,7 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
     torch.manual_seed(0)
     for layer in conv_shapes(arch, batch, size):
         rows = []
-        contenders, x, flops, cuda_conv = _layer_contenders(layer, device, dtype)
+        contenders, x, flops, cuda_conv, tuned = _layer_contenders(layer, device, dtype)
         timings = compare(contenders, [x], repeats=repeats, device=device)
         base = timings["eager"]["median_s"]
         for name, t in timings.items():
@@ -200,5 +211,7 @@ def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.devi
                 "speedup_vs_eager": base / t["median_s"],
                 # What "ours (native)" ran on CUDA: which implicit-GEMM kernel, or cuDNN and why.
                 **({"cuda_conv": cuda_conv} if cuda_conv is not None and name == "ours (native)" else {}),
+                # What tune() chose for "ours (tuned)": a backend, or "native:<CUDA convolution family>".
+                **({"choice": tuned} if name == "ours (tuned)" else {}),
             })
         yield rows

@@ -91,7 +91,7 @@ def markdown(env: Dict, rows: List[Dict]) -> str:
                     "geomean_speedup_vs_folded": "{:.2f}x", "total_ms": "{:.1f}"}),
             "",
             _table(layers, ["layer", "shape", "contender", "median_ms", "tflops", "speedup_vs_eager"]
-                   + (["cuda_conv"] if any("cuda_conv" in r for r in layers) else []),
+                   + [key for key in ("cuda_conv", "choice") if any(key in r for r in layers)],
                    {"median_ms": "{:.2f}", "tflops": "{:.3f}", "speedup_vs_eager": "{:.2f}x"}),
             "",
         ]

@@ -9,8 +9,8 @@ error in one family leaves the others their own process and line.
 
 The families: the CUDA implicit GEMM's three kernels (128x128 and 128x64
 tiles, the few-channel stem kernel) in bfloat16, float16 and TF32; cuDNN
-followed by our epilogue; the native BatchNorm forward and backward and the
-bias/ReLU backward; the Triton convolution's two reduction walks and its
+followed by our epilogue; cuDNN's own fused op; the native BatchNorm
+forward and backward and the bias/ReLU backward; the Triton convolution's two reduction walks and its
 BatchNorm. The native conv/BN families run on the CPU too.
 """
 import argparse
@@ -58,6 +58,8 @@ def _families() -> Dict[str, Family]:
         families[f"cutlass sm90, {layer}, {dtype}"] = Family(
             "conv", "native", dtype, layer, "cutlass_sm90", "cutlass sm90 (128x128x64 tiles, wgmma, TMA im2col)")
     families["cudnn + epilogue, bfloat16"] = Family("conv", "native", "bfloat16", "layer2 1x1 +res", "cudnn", "cudnn")
+    families["cudnn fused, bfloat16"] = Family("conv", "native", "bfloat16", "layer2 1x1 +res", "cudnn_fused",
+                                               "cudnn fused")
     for dtype in ("bfloat16", "float32"):
         families[f"native conv (auto), {dtype}"] = Family("conv", "native", dtype, "layer2 1x1 +res", gpu_only=False)
         families[f"native BN train + backward, {dtype}"] = Family("bn", "native", dtype, gpu_only=False)

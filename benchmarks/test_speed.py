@@ -45,7 +45,7 @@ def _layer_id(layer):
     return f"{layer['name']}-{layer['input'][1]}x{layer['input'][2]}-k{layer['kernel']}s{layer['stride']}"
 
 
-CONTENDER_NAMES = ["eager", "folded", "conv+epilogue", "ours (native, prepacked)"] + [
+CONTENDER_NAMES = ["eager", "folded", "conv+epilogue", "ours (native, prepacked)", "ours (tuned)"] + [
     f"ours ({b})" for b in kernel_backends(DEVICE)]
 
 
@@ -53,7 +53,7 @@ CONTENDER_NAMES = ["eager", "folded", "conv+epilogue", "ours (native, prepacked)
 @pytest.mark.parametrize("layer", LAYERS, ids=_layer_id)
 def test_conv_layer(benchmark, layer, contender):
     torch.manual_seed(0)
-    contenders, x, flops, _ = _layer_contenders(layer, DEVICE, DTYPE)
+    contenders, x, flops, _, _ = _layer_contenders(layer, DEVICE, DTYPE)
     if contender not in contenders:
         pytest.skip(f"{contender} does not run on {DEVICE}")
     with torch.inference_mode():

@@ -5,7 +5,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <cstring>
+
 #include "cpu/cpu_ops.h"
+#include "resnet_fast.h"
 
 namespace {
 
@@ -21,13 +24,66 @@ PyObject* set_activations_known_finite(PyObject*, PyObject* arg) {
   return PyBool_FromLong(previous);
 }
 
+using resnet_fast::CudaConvFamily;
+
+thread_local CudaConvFamily preferred_family = CudaConvFamily::kAuto;
+
+struct FamilyName {
+  CudaConvFamily family;
+  const char* name;
+};
+constexpr FamilyName kFamilyNames[] = {{CudaConvFamily::kCutlassSm90, "cutlass_sm90"},
+                                       {CudaConvFamily::kCutlassSm80, "cutlass_sm80"},
+                                       {CudaConvFamily::kCudnn, "cudnn"},
+                                       {CudaConvFamily::kCudnnFused, "cudnn_fused"}};
+
+// _C.set_cuda_conv_family(name: str | None) -> str | None, the previous
+// preference: the CUDA convolution family conv_bias_act prefers on this
+// thread (None: choose by itself). See resnet_fast/ops.py, cuda_conv_family.
+PyObject* set_cuda_conv_family(PyObject*, PyObject* arg) {
+  CudaConvFamily family = CudaConvFamily::kAuto;
+  if (arg != Py_None) {
+    const char* name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+    if (name == nullptr) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "the CUDA convolution family must be a str or None");
+      return nullptr;
+    }
+    bool known = false;
+    for (const FamilyName& entry : kFamilyNames) {
+      if (std::strcmp(entry.name, name) == 0) {
+        family = entry.family;
+        known = true;
+      }
+    }
+    if (!known) {
+      PyErr_Format(PyExc_ValueError,
+                   "resnet_fast: unknown CUDA convolution family '%s'; expected cutlass_sm90, cutlass_sm80, cudnn, "
+                   "cudnn_fused or None",
+                   name);
+      return nullptr;
+    }
+  }
+  const CudaConvFamily previous = preferred_family;
+  preferred_family = family;
+  for (const FamilyName& entry : kFamilyNames)
+    if (entry.family == previous) return PyUnicode_FromString(entry.name);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"set_activations_known_finite", set_activations_known_finite, METH_O,
      "Vouch (True) or stop vouching (False) that the activations reaching the CPU conv_bias_act on this thread "
      "are finite; returns the previous setting."},
+    {"set_cuda_conv_family", set_cuda_conv_family, METH_O,
+     "Prefer a CUDA convolution family for conv_bias_act on this thread ('cutlass_sm90', 'cutlass_sm80', "
+     "'cudnn', 'cudnn_fused'; None: automatic); returns the previous preference."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
+
+namespace resnet_fast {
+CudaConvFamily preferred_cuda_conv_family() { return preferred_family; }
+}  // namespace resnet_fast
 
 // Importing resnet_fast._C runs the static registrations below.
 extern "C" {

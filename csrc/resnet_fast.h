@@ -60,6 +60,13 @@ inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int6
   return (in + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
 }
 
+// The CUDA convolution family this thread prefers for conv_bias_act
+// (resnet_fast.ops.cuda_conv_family; per-layer plans set it around a
+// layer). A preference: where its family cannot run a convolution, the
+// automatic choice does; RESNET_FAST_CUDA_CONV, when set, overrides it.
+enum class CudaConvFamily : int { kAuto, kCutlassSm90, kCutlassSm80, kCudnn, kCudnnFused };
+CudaConvFamily preferred_cuda_conv_family();
+
 // Validation shared by every device's implementation of each op.
 void check_bias_act_args(const at::Tensor& y, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual);

@@ -6,14 +6,24 @@ Backends:
                tensors, CUDA kernels for CUDA tensors (when built with CUDA).
   "triton"     Triton kernels (resnet_fast.kernels.triton): CUDA tensors, or CPU
                tensors under Triton's interpreter (TRITON_INTERPRET=1, for tests).
+
+A layer's choice, as a per-layer plan stores it, is a backend name or, for
+CUDA tensors, "native:<family>": the native backend with one convolution
+family preferred (CUDA_CONV_FAMILIES).
 """
 import os
 import warnings
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
 BACKENDS = ("reference", "native", "triton")
+
+# The convolutions the native backend's conv_bias_act can be asked to prefer
+# on CUDA tensors (resnet_fast.ops.cuda_conv_family): our implicit GEMM's
+# Hopper and SM80 families, cuDNN + our epilogue, cuDNN's own fused op. A
+# per-layer plan names one as "native:<family>".
+CUDA_CONV_FAMILIES = ("cutlass_sm90", "cutlass_sm80", "cudnn", "cudnn_fused")
 
 
 class BackendStatus(NamedTuple):
@@ -141,3 +151,22 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
         return "native"
     _warn_fallback(device.type, reason)
     return "reference"
+
+
+def split_choice(choice: str) -> Tuple[str, Optional[str]]:
+    """(backend, CUDA convolution family or None) of a layer's choice:
+    "native:cutlass_sm80" -> ("native", "cutlass_sm80"), "triton" -> ("triton", None)."""
+    backend, sep, family = choice.partition(":") if isinstance(choice, str) else (choice, "", "")
+    if backend not in BACKENDS or (sep and not (backend == "native" and family in CUDA_CONV_FAMILIES)):
+        raise ValueError(f"unknown backend choice {choice!r}; expected one of {BACKENDS}, or 'native:<family>' "
+                         f"with a family of {CUDA_CONV_FAMILIES}")
+    return backend, family or None
+
+
+def is_choice(value) -> bool:
+    """Whether value is a layer's choice split_choice understands."""
+    try:
+        split_choice(value)
+    except ValueError:
+        return False
+    return True

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops, plans
-from .backends import resolve_backend
+from .backends import resolve_backend, split_choice
 from .sync_batchnorm import sync_bn_act_train, sync_is_active
 
 
@@ -255,9 +255,12 @@ def conv_norm_act(
     overwrite_residual: bool = False,
 ) -> Tensor:
     """act(norm(conv(x)) + residual), through the fused ops where they apply
-    (any other conv or norm module runs as it is). overwrite_residual: the
+    (any other conv or norm module runs as it is). backend: a backend name,
+    or for CUDA tensors "native:<family>" (backends.split_choice); None
+    follows the layer's plan, if any. overwrite_residual: the
     caller needs residual no more, and an inference call on the CPU may
     write the result into it (ops.conv_bias_act_)."""
+    backend, family = (None, None) if backend is None else split_choice(backend)
     if not _fusable_conv(conv):
         return _unfused(conv, norm, x, residual, relu)
     if sync_is_active(norm):
@@ -266,7 +269,12 @@ def conv_norm_act(
         return _conv_bn_train(conv, norm, x, residual, relu, backend)
     if isinstance(norm, _BATCH_NORMS) or is_frozen_bn(norm):
         if backend is None:  # a measured choice for this layer, when resnet_fast.tune() made one
-            backend = plans.planned_backend(conv, norm, x, residual, relu)
+            planned = plans.planned_backend(conv, norm, x, residual, relu)
+            if planned is not None:
+                backend, family = split_choice(planned)
+        if family is not None and x.device.type != "cuda":
+            raise ValueError(f"resnet_fast: 'native:{family}' names a CUDA convolution family, and x is on "
+                             f"{x.device.type}")
         resolved = resolve_backend(backend, x.device)
         prepack = resolved == "native" and x.device.type == "cpu" and not x.requires_grad
         if cache is None:
@@ -280,6 +288,11 @@ def conv_norm_act(
             return ops.conv_bias_act_(
                 residual, x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
             )
+        if family is not None:
+            with ops.cuda_conv_family(family):
+                return ops.conv_bias_act(
+                    x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
+                )
         return ops.conv_bias_act(
             x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
         )

@@ -8,7 +8,8 @@ autograd formulas registered below so that torch.compile and autograd see
 them as ordinary ops) or "triton" (the resnet_fast_triton::* operators of
 resnet_fast.kernels.triton, same schemas and autograd formulas).
 """
-from typing import Optional, Sequence, Tuple, Union
+import contextlib
+from typing import Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,8 +30,8 @@ from .validation import (
     effective_dilation,
 )
 
-__all__ = ["conv_bias_act", "conv_bias_act_", "cuda_conv_algorithm", "bias_act", "bn_act_train", "fold_bn",
-           "gemm_layout_weight", "prepack_conv_weight"]
+__all__ = ["conv_bias_act", "conv_bias_act_", "cuda_conv_algorithm", "cuda_conv_family", "bias_act", "bn_act_train",
+           "fold_bn", "gemm_layout_weight", "prepack_conv_weight"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -143,16 +144,18 @@ def cuda_conv_algorithm(
     dilation: IntOrPair = 1,
     groups: int = 1,
     capability: Optional[int] = None,
+    relu: bool = True,
 ) -> str:
     """Which convolution conv_bias_act(backend="native") runs for these
-    arguments on CUDA tensors, under the current RESNET_FAST_CUDA_CONV: the
-    implicit GEMM, named with its kernel ("cutlass sm90 (128x128x64 tiles,
-    wgmma, TMA im2col)" on Hopper; "cutlass sm80 (128x128 tiles)",
-    "cutlass sm80 (128x64 tiles)", or for inputs of at most 4 channels
-    "cutlass sm80 (128x64 tiles, 3 input channels zero-padded to 4)" of the SM80
-    family), or "cudnn: " and why. Only dtypes, sizes and addresses are read,
-    so the tensors may be on any device; `capability` (major * 10 + minor,
-    e.g. 90) is the GPU to decide for, by default x's (none for a CPU
+    arguments on CUDA tensors, under the current RESNET_FAST_CUDA_CONV and
+    cuda_conv_family: the implicit GEMM, named with its kernel ("cutlass
+    sm90 (128x128x64 tiles, wgmma, TMA im2col)" on Hopper; "cutlass sm80
+    (128x128 tiles)", "cutlass sm80 (128x64 tiles)", or for inputs of at
+    most 4 channels "cutlass sm80 (128x64 tiles, 3 input channels
+    zero-padded to 4)" of the SM80 family), "cudnn fused (...)" for cuDNN's
+    own fused op, or "cudnn: " and why. Only dtypes, sizes and addresses are
+    read, so the tensors may be on any device; `capability` (major * 10 +
+    minor, e.g. 90) is the GPU to decide for, by default x's (none for a CPU
     tensor). Needs the extension built with its CUDA kernels."""
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     dilation = effective_dilation(weight.shape, dilation)
@@ -162,7 +165,29 @@ def cuda_conv_algorithm(
     except (AttributeError, RuntimeError):
         raise RuntimeError("resnet_fast: the compiled extension has no CUDA kernels, so no CUDA convolution "
                            "to choose") from None
-    return query(x, weight, residual, list(stride), list(padding), list(dilation), groups, capability)
+    return query(x, weight, residual, list(stride), list(padding), list(dilation), groups, capability, relu)
+
+
+@contextlib.contextmanager
+def cuda_conv_family(family: Optional[str]) -> Iterator[None]:
+    """Within this block, conv_bias_act(backend="native") on CUDA tensors
+    prefers one convolution family on this thread: "cutlass_sm90" or
+    "cutlass_sm80" (our implicit GEMM's Hopper or SM80 kernels), "cudnn"
+    (cuDNN's convolution + our epilogue) or "cudnn_fused" (cuDNN's own fused
+    conv + bias (+ residual) + ReLU); None chooses by itself. A preference:
+    where the family cannot run a convolution (its dtype, channels,
+    alignment or GPU; no ReLU for cudnn_fused), the automatic choice does.
+    RESNET_FAST_CUDA_CONV, when set, overrides it. Per-layer plans of
+    resnet_fast.tune() use it; CPU tensors and the other backends ignore it."""
+    if not native_loaded():
+        raise RuntimeError("resnet_fast: the compiled extension did not load, so it has no CUDA convolution to choose")
+    from . import _C
+
+    previous = _C.set_cuda_conv_family(family)
+    try:
+        yield
+    finally:
+        _C.set_cuda_conv_family(previous)
 
 
 def bias_act(

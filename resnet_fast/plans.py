@@ -1,6 +1,7 @@
-"""Per-layer backend plans, as stored and looked up: which backend each
-fused eval layer runs when it is given none (resnet_fast.tuning measures
-and makes them).
+"""Per-layer backend plans, as stored and looked up: which backend (and on
+CUDA which convolution family, "native:<family>", see backends.split_choice)
+each fused eval layer runs when it is given none (resnet_fast.tuning
+measures and makes them).
 
 A plan is keyed by the device (card or CPU model), the torch and Triton
 versions and the dtype; within it each layer by its conv geometry, input
@@ -23,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .backends import BACKENDS
+from .backends import is_choice
 
 
 PLAN_FORMAT = 1
@@ -81,7 +82,10 @@ def _read_plan_file(path: str, key: str) -> Dict[str, str]:
         return {}  # no plan yet, or an unreadable one: measure again
     if data.get("format") != PLAN_FORMAT or data.get("key") != key:
         return {}
-    return {k: v for k, v in data.get("layers", {}).items() if v in BACKENDS}
+    # Convolution families ("native:<family>") are choices for CUDA tensors only.
+    families_allowed = key.startswith("cuda|")
+    return {k: v for k, v in data.get("layers", {}).items()
+            if is_choice(v) and (families_allowed or ":" not in v)}
 
 
 @contextlib.contextmanager
@@ -112,7 +116,7 @@ def save(key: str, layers: Dict[str, str]) -> str:
 
 def planned_backend(conv: nn.Conv2d, norm: nn.Module, x: Tensor, residual: Optional[Tensor],
                     relu: bool) -> Optional[str]:
-    """The backend the plan for x's device and dtype picked for this layer,
+    """The choice the plan for x's device and dtype made for this layer,
     or None when there is no plan entry (or while torch.compile traces)."""
     if torch.compiler.is_compiling():
         return None

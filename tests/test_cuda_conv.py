@@ -3,6 +3,8 @@ GEMM on tensor cores (CUTLASS, csrc/cuda/conv_cutlass*) or cuDNN followed by
 our epilogue. Which one, is decided on the host from dtypes, sizes and
 addresses, so those rules are tested here on CPU tensors; the kernels
 themselves are tested against the reference on a GPU (skipped without one)."""
+import re
+
 import pytest
 import torch
 
@@ -174,7 +176,8 @@ def test_environment_variable_selects_the_convolution(monkeypatch):
     monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cudnn")
     assert _algorithm(x, weight, None, args) == "cudnn: RESNET_FAST_CUDA_CONV=cudnn"
     monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "fastest")
-    with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV must be auto, cutlass, cutlass_sm90, cutlass_sm80 or cudnn, got 'fastest'"):
+    with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV must be auto, cutlass, cutlass_sm90, cutlass_sm80, "
+                                           "cudnn or cudnn_fused, got 'fastest'"):
         _algorithm(x, weight, None, args)
     # Forcing the implicit GEMM on a convolution it cannot run names why.
     geometry, dtype, _, reason = CUDNN_CASES["grouped"]
@@ -183,6 +186,82 @@ def test_environment_variable_selects_the_convolution(monkeypatch):
     with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV=cutlass, but the implicit-GEMM convolution "
                                            "cannot run this one"):
         _algorithm(x, weight, None, args)
+
+
+FUSED_NAME = "cudnn fused (conv + bias + ReLU in one cuDNN call)"
+FUSED_RESIDUAL_NAME = "cudnn fused (conv + bias + residual + ReLU in one cuDNN call)"
+
+
+@needs_cuda_build
+def test_a_preferred_family_runs_where_it_can_and_falls_back_elsewhere(auto_choice):
+    """ops.cuda_conv_family is a preference (per-layer plans use it): where
+    its family cannot run a convolution, the automatic choice does."""
+    x, weight, _, args = _conv("1x1", torch.float16)
+    residual = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=torch.float16))
+    automatic = IGEMM_KERNELS["1x1"]
+    with ops.cuda_conv_family("cudnn"):
+        assert _algorithm(x, weight, None, args) == "cudnn: this thread prefers it (cuda_conv_family)"
+        with ops.cuda_conv_family("cutlass_sm80"):  # nested: the innermost holds, the outer one comes back
+            assert _algorithm(x, weight, None, args) == automatic
+        assert _algorithm(x, weight, None, args).startswith("cudnn: this thread")
+    with ops.cuda_conv_family("cudnn_fused"):
+        assert _algorithm(x, weight, None, args) == FUSED_NAME
+        assert _algorithm(x, weight, residual, args) == FUSED_RESIDUAL_NAME
+        # No ReLU: cuDNN's fused op has none to leave out, so the automatic choice.
+        assert ops.cuda_conv_algorithm(x, weight, None, **args, relu=False) == automatic
+    with ops.cuda_conv_family("cutlass_sm90"):  # CPU tensors have no Hopper: the SM80 family, no error
+        assert _algorithm(x, weight, None, args) == automatic
+    grouped, dtype, _, reason = CUDNN_CASES["grouped"]
+    gx, gweight, _, gargs = _conv("grouped", dtype, cases={"grouped": grouped})
+    with ops.cuda_conv_family("cutlass_sm80"):  # the implicit GEMM cannot: cuDNN, and why
+        assert _algorithm(gx, gweight, None, gargs).startswith("cudnn: grouped")
+    with ops.cuda_conv_family(None):
+        assert _algorithm(x, weight, None, args) == automatic
+    assert _algorithm(x, weight, None, args) == automatic  # nothing left preferred
+
+
+@needs_cuda_build
+def test_the_environment_variable_overrides_a_preferred_family(monkeypatch, auto_choice):
+    x, weight, _, args = _conv("1x1", torch.float16)
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cudnn")
+    with ops.cuda_conv_family("cutlass_sm80"):
+        assert _algorithm(x, weight, None, args) == "cudnn: RESNET_FAST_CUDA_CONV=cudnn"
+    monkeypatch.setenv("RESNET_FAST_CUDA_CONV", "cudnn_fused")
+    with ops.cuda_conv_family("cudnn"):
+        assert _algorithm(x, weight, None, args) == FUSED_NAME
+    # Demanded, cuDNN's fused op must run: a layer without ReLU is an error.
+    with pytest.raises(RuntimeError, match="RESNET_FAST_CUDA_CONV=cudnn_fused, but cuDNN's fused convolution "
+                                           "always applies a ReLU and this layer has none"):
+        ops.cuda_conv_algorithm(x, weight, None, **args, relu=False)
+
+
+@needs_cuda_build
+def test_a_preferred_family_belongs_to_its_thread(auto_choice):
+    import threading
+
+    x, weight, _, args = _conv("1x1", torch.float16)
+    seen = []
+    with ops.cuda_conv_family("cudnn"):
+        other = threading.Thread(target=lambda: seen.append(_algorithm(x, weight, None, args)))
+        other.start()
+        other.join()
+        assert _algorithm(x, weight, None, args).startswith("cudnn:")
+    assert seen == [IGEMM_KERNELS["1x1"]]
+
+
+@pytest.mark.parametrize("family, error, message", [
+    ("fastest", ValueError, "unknown CUDA convolution family 'fastest'; expected cutlass_sm90, cutlass_sm80, cudnn, "
+                            "cudnn_fused or None"),
+    ("cutlass", ValueError, "unknown CUDA convolution family 'cutlass'"),
+    (3, TypeError, "must be a str or None"),
+])
+@needs_cuda_build
+def test_unknown_families_are_refused(family, error, message):
+    with pytest.raises(error, match=message):
+        with ops.cuda_conv_family(family):
+            pass
+    x, weight, _, args = _conv("1x1", torch.float16)
+    assert not _algorithm(x, weight, None, args).startswith("cudnn: this thread")  # the refusal set nothing
 
 
 # ---------------------------------------------------------------- the Hopper family (any machine)
@@ -284,6 +363,31 @@ def test_cuda_convolutions_match_reference(case, dtype, residual, relu, algorith
     assert_rel(out, expected, factor=TF32_REL_TOL / REL_TOL[torch.float32] if dtype == torch.float32 else 1)
     if relu:
         assert (out >= 0).all()
+
+
+@pytest.mark.parametrize("case", ["3x3s1_batch1_odd", "1x1s2_downsample", "stem7x7s2_C3", "K264_M429"])
+@pytest.mark.parametrize("dtype", IGEMM_DTYPES, ids=str)
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.cuda
+@needs_gpu
+def test_cudnn_fused_family_matches_reference(case, dtype, residual, tf32):
+    """cuDNN's own fused op, as a layer preferring it runs it (where cuDNN's
+    runtime fusion refuses a dtype or shape, it says so: tune() skips it)."""
+    x, weight, bias, args = _conv(case, dtype, device="cuda")
+    res = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype, device="cuda")) if residual else None
+    tf32(False)
+    expected = ops.conv_bias_act(x, weight, bias, res, backend="reference", **args)
+    tf32(True)
+    with ops.cuda_conv_family("cudnn_fused"):
+        assert _algorithm(x, weight, res, args) == (FUSED_RESIDUAL_NAME if residual else FUSED_NAME)
+        try:
+            out = ops.conv_bias_act(x, weight, bias, res, backend="native", **args)
+        except RuntimeError as error:
+            if not re.search(r"CUDNN_STATUS|cuDNN error|unable to find an engine", str(error)):
+                raise
+            pytest.skip(f"cuDNN refuses this fused convolution here: {str(error).splitlines()[0]}")
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel(out, expected, factor=TF32_REL_TOL / REL_TOL[torch.float32] if dtype == torch.float32 else 1)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "sliced"])

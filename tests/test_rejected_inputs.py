@@ -218,6 +218,12 @@ CASES = [
     # ops.gemm_layout_weight
     Case("ops.gemm_layout_weight", "weight 3-D", ValueError, "weight must be a 4-D tensor",
          lambda: ops.gemm_layout_weight(torch.randn(12, 8, 3))),
+    # ops.cuda_conv_family (refused on entering the block)
+    Case("ops.cuda_conv_family", "an unknown family", ValueError,
+         "unknown CUDA convolution family 'fastest'; expected cutlass_sm90, cutlass_sm80, cudnn, cudnn_fused or None",
+         lambda: ops.cuda_conv_family("fastest").__enter__()),
+    Case("ops.cuda_conv_family", "a family that is not a str", TypeError, "must be a str or None",
+         lambda: ops.cuda_conv_family(90).__enter__()),
     # builders and ResNet(...)
     Case("resnet18(...) etc.", "num_classes=0", ValueError, "num_classes must be a positive int, got 0",
          lambda: resnet_fast.resnet18(num_classes=0)),

@@ -92,6 +92,129 @@ def test_a_candidate_with_wrong_output_is_never_picked(monkeypatch):
     assert plan and set(plan.values()) == {"reference"}
 
 
+@needs_native
+def test_a_candidate_that_loses_nan_is_never_picked(monkeypatch):
+    """Right on finite inputs, but its ReLU turns NaN into 0 (as a fused
+    library ReLU may): tune() must not choose it."""
+    import resnet_fast.layers as layers
+
+    model, x = _model_and_input()
+    original = layers.ops.conv_bias_act
+
+    def nan_dropping_native(*args, **kwargs):
+        out = original(*args, **kwargs)
+        return torch.nan_to_num(out, nan=0.0) if args[-1] == "native" else out
+
+    monkeypatch.setattr(layers.ops, "conv_bias_act", nan_dropping_native)
+    plan = resnet_fast.tune(model, x, candidates=["native", "reference"], repeats=1, save=False)
+    assert plan and set(plan.values()) == {"reference"}
+
+
+@needs_native
+def test_a_failing_candidate_is_skipped_with_a_warning(monkeypatch):
+    import resnet_fast.layers as layers
+
+    import resnet_fast.tuning as tuning
+
+    model, x = _model_and_input()
+    original, measure = layers.ops.conv_bias_act, tuning._fastest_right_candidate
+    measuring = []  # the model's own forward, which finds the layers, must run
+
+    def failing_native(*args, **kwargs):
+        if measuring and args[-1] == "native":
+            raise RuntimeError("no kernel for this layer\nsecond line")
+        return original(*args, **kwargs)
+
+    def measured(*args, **kwargs):
+        measuring.append(True)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(layers.ops, "conv_bias_act", failing_native)
+    monkeypatch.setattr(tuning, "_fastest_right_candidate", measured)
+    with pytest.warns(RuntimeWarning, match=r"candidate 'native' failed \(no kernel for this layer\), first on layer"):
+        plan = resnet_fast.tune(model, x, candidates=["native", "reference"], repeats=1, save=False)
+    assert plan and set(plan.values()) == {"reference"}
+
+
+def test_default_candidates():
+    from resnet_fast.backends import CUDA_CONV_FAMILIES, _NATIVE_HAS_CUDA
+    from resnet_fast.tuning import default_candidates
+
+    cpu = default_candidates(torch.device("cpu"))
+    assert cpu[0] == "reference" and not any(":" in name for name in cpu)
+    assert ("native" in cpu) == available_backends()["native"].available
+    cuda = default_candidates(torch.device("cuda"))
+    families = [f"native:{family}" for family in CUDA_CONV_FAMILIES]
+    # On CUDA the native backend is measured as each of its convolution families.
+    assert [name for name in cuda if name.startswith("native")] == (families if _NATIVE_HAS_CUDA else [])
+
+
+@needs_native
+def test_family_runs_is_what_the_native_op_would_run():
+    """tune() measures a family only on layers it runs (a preference it
+    cannot meet would be measured under another family's name)."""
+    from resnet_fast.backends import _NATIVE_HAS_CUDA
+    from resnet_fast.tuning import _family_runs
+
+    if not _NATIVE_HAS_CUDA:
+        pytest.skip("the extension was built without its CUDA kernels")
+    conv = torch.nn.Conv2d(16, 32, 1, bias=False)
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    weight = conv.weight.detach().half().contiguous(memory_format=torch.channels_last)
+    assert _family_runs("cudnn", conv, weight, x, None, relu=True)
+    assert _family_runs("cudnn_fused", conv, weight, x, None, relu=True)
+    assert not _family_runs("cudnn_fused", conv, weight, x, None, relu=False)
+    assert not _family_runs("cutlass_sm90", conv, weight, x, None, relu=True)  # a CPU tensor: no Hopper
+    cutlass_built = "without the CUTLASS headers" not in resnet_fast.ops.cuda_conv_algorithm(x, weight)
+    assert _family_runs("cutlass_sm80", conv, weight, x, None, relu=True) == cutlass_built
+    odd = torch.nn.Conv2d(16, 12, 1, bias=False)  # 12 output channels: not for the implicit GEMM
+    assert not _family_runs("cutlass_sm80", odd, odd.weight.detach().half(), x, None, relu=True)
+
+
+@needs_native
+def test_plans_keep_cuda_families_only_for_cuda(plan_dir):
+    layers = {"a": "native:cutlass_sm80", "b": "native:cudnn_fused", "c": "triton", "d": "native:fastest",
+              "e": "cudnn", "f": "reference:cudnn"}
+    cuda_key, cpu_key = "cuda|H200|torch|triton|torch.bfloat16", "cpu|EPYC|torch|triton|torch.float32"
+    for key in (cuda_key, cpu_key):
+        plans.save(key, layers)
+    plans.clear_loaded_plans()
+    assert plans._read_plan_file(plans._plan_path(cuda_key), cuda_key) == {
+        "a": "native:cutlass_sm80", "b": "native:cudnn_fused", "c": "triton"}
+    assert plans._read_plan_file(plans._plan_path(cpu_key), cpu_key) == {"c": "triton"}
+
+
+@needs_native
+def test_a_cuda_family_is_refused_for_cpu_tensors():
+    from resnet_fast.layers import conv_norm_act
+
+    model, x = _model_and_input()
+    with pytest.raises(ValueError, match="'native:cudnn' names a CUDA convolution family, and x is on cpu"):
+        conv_norm_act(model.conv1, model.bn1, x, backend="native:cudnn")
+    with pytest.raises(ValueError, match="unknown backend choice 'native:fastest'"):
+        conv_norm_act(model.conv1, model.bn1, x, backend="native:fastest")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tune_on_cuda_chooses_among_the_convolution_families(plan_dir, monkeypatch):
+    from resnet_fast.tuning import default_candidates
+
+    model = randomize_batchnorm_(resnet_fast.resnet18(num_classes=10)).eval().cuda().half()
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    model.backend = "reference"
+    with torch.no_grad():
+        expected = model(x).float()
+    model.backend = None
+    plan = resnet_fast.tune(model, x, repeats=2)
+    assert plan and set(plan.values()) <= set(default_candidates(x.device))
+    used, out = _backends_used(model, x, monkeypatch)
+    assert len(used) == 20
+    rel = ((out.float() - expected).norm() / expected.norm()).item()
+    assert rel < 2e-2
+
+
 def _write_entries(args):
     cache, worker = args
     os.environ["RESNET_FAST_CACHE_DIR"] = cache
@@ -119,6 +242,9 @@ def test_a_damaged_plan_file_is_ignored(plan_dir):
 @pytest.mark.parametrize("call, error, message", [
     (lambda m, x: resnet_fast.tune(m.train(), x), ValueError, "call model.eval() first"),
     (lambda m, x: resnet_fast.tune(m, x, candidates=["cudnn"]), ValueError, "unknown candidate backend"),
+    (lambda m, x: resnet_fast.tune(m, x, candidates=["native:fastest"]), ValueError, "unknown candidate backend"),
+    (lambda m, x: resnet_fast.tune(m, x, candidates=["native:cudnn"]), ValueError,
+     "candidates ['native:cudnn'] name CUDA convolution families, and the input is on cpu"),
     (lambda m, x: resnet_fast.tune(m, x, repeats=0), ValueError, "repeats must be at least 1"),
     (lambda m, x: resnet_fast.tune(torch.nn.Identity().eval(), x), ValueError, "ran no fused eval layer"),
     (lambda m, x: resnet_fast.tune("resnet18", x), TypeError, "must be an nn.Module"),

@@ -10,20 +10,39 @@
 #include <cstdlib>
 #include <cstring>
 #include <sstream>
+#include <utility>
 
 #include "../resnet_fast.h"
 
 namespace resnet_fast::gpu {
 
-ConvAlgorithm requested_conv_algorithm() {
+ConvRequest requested_conv_algorithm() {
   const char* value = std::getenv("RESNET_FAST_CUDA_CONV");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) return ConvAlgorithm::kAuto;
-  if (std::strcmp(value, "cutlass") == 0) return ConvAlgorithm::kCutlass;
-  if (std::strcmp(value, "cutlass_sm90") == 0) return ConvAlgorithm::kCutlassSm90;
-  if (std::strcmp(value, "cutlass_sm80") == 0) return ConvAlgorithm::kCutlassSm80;
-  if (std::strcmp(value, "cudnn") == 0) return ConvAlgorithm::kCudnn;
-  TORCH_CHECK(false, "resnet_fast: RESNET_FAST_CUDA_CONV must be auto, cutlass, cutlass_sm90, cutlass_sm80 or cudnn, got '",
-              value, "'");
+  if (value != nullptr && *value != '\0' && std::strcmp(value, "auto") != 0) {
+    constexpr std::pair<const char*, ConvAlgorithm> kNames[] = {
+        {"cutlass", ConvAlgorithm::kCutlass},        {"cutlass_sm90", ConvAlgorithm::kCutlassSm90},
+        {"cutlass_sm80", ConvAlgorithm::kCutlassSm80}, {"cudnn", ConvAlgorithm::kCudnn},
+        {"cudnn_fused", ConvAlgorithm::kCudnnFused}};
+    for (const auto& [name, algorithm] : kNames)
+      if (std::strcmp(value, name) == 0) return {algorithm, /*demanded=*/true};
+    TORCH_CHECK(false,
+                "resnet_fast: RESNET_FAST_CUDA_CONV must be auto, cutlass, cutlass_sm90, cutlass_sm80, cudnn or "
+                "cudnn_fused, got '",
+                value, "'");
+  }
+  switch (preferred_cuda_conv_family()) {
+    case CudaConvFamily::kCutlassSm90:
+      return {ConvAlgorithm::kCutlassSm90, false};
+    case CudaConvFamily::kCutlassSm80:
+      return {ConvAlgorithm::kCutlassSm80, false};
+    case CudaConvFamily::kCudnn:
+      return {ConvAlgorithm::kCudnn, false};
+    case CudaConvFamily::kCudnnFused:
+      return {ConvAlgorithm::kCudnnFused, false};
+    case CudaConvFamily::kAuto:
+      break;
+  }
+  return {};
 }
 
 namespace {
@@ -86,14 +105,33 @@ std::optional<std::string> cutlass_unsupported_reason(const at::Tensor& x, const
 std::optional<std::string> cudnn_reason(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  const ConvAlgorithm algorithm = requested_conv_algorithm();
-  if (algorithm == ConvAlgorithm::kCudnn) return std::string("RESNET_FAST_CUDA_CONV=cudnn");
+  const ConvRequest request = requested_conv_algorithm();
+  if (request.algorithm == ConvAlgorithm::kCudnn)
+    return std::string(request.demanded ? "RESNET_FAST_CUDA_CONV=cudnn" : "this thread prefers it (cuda_conv_family)");
   std::optional<std::string> reason =
       cutlass_unsupported_reason(x, weight, residual, stride, padding, dilation, groups);
-  TORCH_CHECK(!reason.has_value() || algorithm == ConvAlgorithm::kAuto, "resnet_fast: RESNET_FAST_CUDA_CONV=",
+  const bool cutlass_demanded =
+      request.demanded && (request.algorithm == ConvAlgorithm::kCutlass ||
+                           request.algorithm == ConvAlgorithm::kCutlassSm90 ||
+                           request.algorithm == ConvAlgorithm::kCutlassSm80);
+  TORCH_CHECK(!reason.has_value() || !cutlass_demanded, "resnet_fast: RESNET_FAST_CUDA_CONV=",
               std::getenv("RESNET_FAST_CUDA_CONV"), ", but the implicit-GEMM convolution cannot run this one: ",
               *reason);
   return reason;
+}
+
+bool use_cudnn_fused(bool relu) {
+  const ConvRequest request = requested_conv_algorithm();
+  if (request.algorithm != ConvAlgorithm::kCudnnFused) return false;
+  TORCH_CHECK(relu || !request.demanded,
+              "resnet_fast: RESNET_FAST_CUDA_CONV=cudnn_fused, but cuDNN's fused convolution always applies a ReLU "
+              "and this layer has none");
+  return relu;
+}
+
+std::string cudnn_fused_name(bool residual) {
+  return residual ? "cudnn fused (conv + bias + residual + ReLU in one cuDNN call)"
+                  : "cudnn fused (conv + bias + ReLU in one cuDNN call)";
 }
 
 int64_t device_capability(const at::Tensor& x) {
@@ -202,11 +240,11 @@ namespace {
 // RESNET_FAST_CUDA_CONV; raises when that asks for a family that cannot run it.
 bool use_sm90(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
               at::IntArrayRef dilation, bool relu, int64_t capability) {
-  const ConvAlgorithm algorithm = requested_conv_algorithm();
-  if (algorithm == ConvAlgorithm::kCutlassSm80) return false;
+  const ConvRequest request = requested_conv_algorithm();
+  if (request.algorithm == ConvAlgorithm::kCutlassSm80) return false;
   const std::optional<std::string> reason =
       sm90_unsupported_reason(x, weight, stride, padding, dilation, relu, capability);
-  TORCH_CHECK(!reason.has_value() || algorithm != ConvAlgorithm::kCutlassSm90,
+  TORCH_CHECK(!reason.has_value() || !(request.demanded && request.algorithm == ConvAlgorithm::kCutlassSm90),
               "resnet_fast: RESNET_FAST_CUDA_CONV=cutlass_sm90, but the Hopper kernel cannot run this convolution: ",
               *reason);
   return !reason.has_value();
@@ -253,13 +291,14 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weigh
 
 namespace {
 
-// What conv_bias_act would run for these arguments: "cutlass sm80 (<kernel>)", or
-// "cudnn: " and why. For tests and benchmarks; takes tensors on any device.
+// What conv_bias_act would run for these arguments: "cutlass sm90 (...)",
+// "cutlass sm80 (<kernel>)", "cudnn fused (...)", or "cudnn: " and why. For tests and benchmarks; takes tensors on any device.
 std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                           std::optional<int64_t> capability) {
+                           std::optional<int64_t> capability, bool relu) {
   const at::Tensor bias = at::zeros({weight.size(0)}, x.options());
   check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups);
+  if (use_cudnn_fused(relu)) return cudnn_fused_name(residual.has_value());
   std::optional<at::Tensor> residual_nhwc;
   if (residual.has_value()) residual_nhwc = as_nhwc(*residual);
   const std::optional<std::string> reason =
@@ -267,7 +306,7 @@ std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const 
                    effective_dilation(weight, dilation), groups);
   if (reason.has_value()) return "cudnn: " + *reason;
   const std::vector<int64_t> dil = effective_dilation(weight, dilation);
-  if (use_sm90(x, weight, stride, padding, dil, true, capability.value_or(device_capability(x))))
+  if (use_sm90(x, weight, stride, padding, dil, relu, capability.value_or(device_capability(x))))
     return sm90_kernel_name();
   return cutlass_kernel_name(choose_cutlass_kernel(x.size(1), weight.size(0)), x.size(1));
 }
@@ -279,7 +318,7 @@ std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const 
 int64_t cutlass_reduction_steps(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
   // The SM80 family's plan, whatever device the tensors are on.
-  const std::string algorithm = conv_algorithm(x, weight, std::nullopt, stride, padding, dilation, 1, 0);
+  const std::string algorithm = conv_algorithm(x, weight, std::nullopt, stride, padding, dilation, 1, 0, true);
   TORCH_CHECK(algorithm.rfind("cutlass", 0) == 0, "resnet_fast: the implicit GEMM does not run this convolution: ",
               algorithm);
 #if defined(RESNET_FAST_WITH_CUTLASS)
@@ -302,7 +341,7 @@ int64_t cutlass_reduction_steps(const at::Tensor& x, const at::Tensor& weight, a
 TORCH_LIBRARY(resnet_fast_cuda, m) {
   m.def(
       "conv_algorithm(Tensor x, Tensor weight, Tensor? residual, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, int? capability=None) -> str",
+      "int[2] dilation, int groups, int? capability=None, bool relu=True) -> str",
       &resnet_fast::gpu::conv_algorithm);
   m.def("cutlass_reduction_steps(Tensor x, Tensor weight, int[2] stride, int[2] padding, int[2] dilation) -> int",
         &resnet_fast::gpu::cutlass_reduction_steps);

@@ -11,19 +11,28 @@
 
 namespace resnet_fast::gpu {
 
-// Which convolution conv_bias_act runs on CUDA tensors, from the environment
+// Which convolution conv_bias_act runs on CUDA tensors. The environment
 // variable RESNET_FAST_CUDA_CONV (read at every call, so tests and benchmarks
-// can switch it):
-//   unset / "auto"  the implicit GEMM where it can run (see
-//                   cutlass_unsupported_reason), cuDNN + our epilogue elsewhere;
+// can switch it) demands one:
+//   unset / "auto"  no demand (see below);
 //   "cutlass"       the implicit GEMM, or an error naming why it cannot run;
 //   "cutlass_sm90"  the Hopper family of the implicit GEMM, or an error;
 //   "cutlass_sm80"  the SM80 family, also on Hopper, or an error;
-//   "cudnn"         cuDNN + our epilogue for every convolution.
-// Within the implicit GEMM the Hopper family runs where sm90_unsupported_reason
-// allows, the SM80 family elsewhere.
-enum class ConvAlgorithm { kAuto, kCutlass, kCutlassSm90, kCutlassSm80, kCudnn };
-ConvAlgorithm requested_conv_algorithm();
+//   "cudnn"         cuDNN + our epilogue for every convolution;
+//   "cudnn_fused"   cuDNN's own fused conv + bias (+ residual) + ReLU, or an
+//                   error for a layer without ReLU.
+// Without a demand, the thread's preferred family (preferred_cuda_conv_family,
+// set by per-layer plans) is asked for, and where it cannot run the
+// automatic choice takes over: the implicit GEMM where it can run (see
+// cutlass_unsupported_reason), cuDNN + our epilogue elsewhere; within the
+// implicit GEMM the Hopper family where sm90_unsupported_reason allows, the
+// SM80 family elsewhere.
+enum class ConvAlgorithm { kAuto, kCutlass, kCutlassSm90, kCutlassSm80, kCudnn, kCudnnFused };
+struct ConvRequest {
+  ConvAlgorithm algorithm = ConvAlgorithm::kAuto;
+  bool demanded = false;  // from RESNET_FAST_CUDA_CONV: an error where it cannot run
+};
+ConvRequest requested_conv_algorithm();
 
 // Why the implicit GEMM cannot run this convolution, or nullopt when it can.
 // x, weight and residual are the tensors as the kernel would get them
@@ -36,12 +45,21 @@ std::optional<std::string> cutlass_unsupported_reason(const at::Tensor& x, const
                                                       at::IntArrayRef dilation, int64_t groups);
 
 // Why conv_bias_act takes cuDNN for this convolution, or nullopt when it
-// takes the implicit GEMM: cutlass_unsupported_reason under the algorithm
-// RESNET_FAST_CUDA_CONV asks for. Raises when that is "cutlass" and the
-// implicit GEMM cannot run it.
+// takes the implicit GEMM: cutlass_unsupported_reason under the requested
+// algorithm. Raises when RESNET_FAST_CUDA_CONV demands the implicit GEMM and
+// it cannot run this convolution.
 std::optional<std::string> cudnn_reason(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
+
+// Whether conv_bias_act takes cuDNN's own fused conv + bias (+ residual) +
+// ReLU: when that is requested and the layer has a ReLU (the fused op always
+// applies one). Raises when RESNET_FAST_CUDA_CONV demands it for a layer
+// without. Whether its ReLU keeps NaN is cuDNN's affair: tune() checks that
+// per layer before choosing it.
+bool use_cudnn_fused(bool relu);
+// "cudnn fused (...)", as ops.cuda_conv_algorithm says.
+std::string cudnn_fused_name(bool residual);
 
 // Geometry and pointers of one launch: x is [N, H, W, C], weight [K, R, S,
 // C], out and residual [N, P, Q, K], all dense NHWC; bias is K fp32 values.
