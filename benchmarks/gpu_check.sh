@@ -169,7 +169,7 @@ if wanted summary; then
         echo
         echo "== benchmark"
         # The per-layer summary, then the whole-model rows (eval and training).
-        grep -h -E "^\| (model|contender|ours|folded|eager|conv\+|resnet|wide)" "$OUT"/cuda-*.md "$OUT"/cpu-*.md \
+        grep -h -E "^\| (model|contender|ours|folded|eager|conv\+|cudnn|resnet|wide)" "$OUT"/cuda-*.md "$OUT"/cpu-*.md \
             2>/dev/null | head -60
         echo
         echo "files: $(cd "$OUT" && ls | tr '\n' ' ')"

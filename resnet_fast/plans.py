@@ -29,7 +29,7 @@ from .backends import is_choice
 
 PLAN_FORMAT = 1
 _lock = threading.Lock()
-_plans: Dict[str, Dict[str, str]] = {}  # plan key -> {layer key: backend}; loaded from disk once per key
+_plans: Dict[str, Dict[str, str]] = {}  # plan key -> {layer key: choice}; loaded from disk once per key
 _recording: Optional[List[Tuple]] = None
 
 
