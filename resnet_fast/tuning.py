@@ -190,7 +190,8 @@ def _fastest_right_candidate(names: Sequence[str], conv: nn.Conv2d, norm: nn.Mod
             out = run(name).float()
             keeps_nan = bool(torch.isnan(run(name, poisoned))[must_be_nan].all())
         except RuntimeError as exc:
-            failures.setdefault((name, str(exc).splitlines()[0]), plans.layer_key(conv, x, residual, relu))
+            first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+            failures.setdefault((name, first_line), plans.layer_key(conv, x, residual, relu))
             continue
         err = ((out - expected).norm() / expected.norm().clamp_min(1e-30)).item()
         if not err <= tol or not keeps_nan:  # `not <=` also rejects a NaN error

@@ -292,7 +292,8 @@ at::Tensor conv_bias_act_cutlass(const at::Tensor& x_in, const at::Tensor& weigh
 namespace {
 
 // What conv_bias_act would run for these arguments: "cutlass sm90 (...)",
-// "cutlass sm80 (<kernel>)", "cudnn fused (...)", or "cudnn: " and why. For tests and benchmarks; takes tensors on any device.
+// "cutlass sm80 (<kernel>)", "cudnn fused (...)", or "cudnn: " and why. For
+// tests, benchmarks and tune(); takes tensors on any device.
 std::string conv_algorithm(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& residual,
                            at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            std::optional<int64_t> capability, bool relu) {
