@@ -70,16 +70,32 @@ def _family_runs(family: str, conv: nn.Conv2d, weight: Tensor, x: Tensor, residu
 
 
 def _nan_poisoned(x: Tensor, conv: nn.Conv2d) -> Tuple[Tensor, Tensor]:
-    """x with one NaN, and the outputs that must be NaN because they read it
-    (its receptive field in every output channel of its group)."""
-    poisoned = x.clone()
+    """x with one NaN, placed where the middle output pixel reads it, and
+    the outputs that must be NaN because they read it (its receptive field
+    in every output channel of its group)."""
     n, c, h, w = x.shape
-    poisoned[n // 2, c // 2, h // 2, w // 2] = float("nan")
+    at = (n // 2, c // 2) + tuple(
+        _read_index(size, conv.kernel_size[d], conv.stride[d], conv.padding[d], conv.dilation[d])
+        for d, size in enumerate((h, w)))
+    poisoned = x.clone()
+    poisoned[at] = float("nan")
     reads = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-    reads[n // 2, c // 2, h // 2, w // 2] = 1
+    reads[at] = 1
     ones = torch.ones((conv.out_channels, c // conv.groups) + tuple(conv.kernel_size), device=x.device)
     must_be_nan = F.conv2d(reads, ones, None, conv.stride, conv.padding, conv.dilation, conv.groups) > 0
     return poisoned, must_be_nan
+
+
+def _read_index(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """An input index (along one dimension) that the middle output reads
+    through one of its kernel taps (a strided conv skips some inputs), or the
+    middle input where its whole window is padding."""
+    outputs = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    first = (outputs // 2) * stride - padding
+    for tap in range(kernel):
+        if 0 <= first + tap * dilation < size:
+            return first + tap * dilation
+    return size // 2
 
 
 def _median_time(fn, device: torch.device, repeats: int) -> float:

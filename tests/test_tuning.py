@@ -110,6 +110,26 @@ def test_a_candidate_that_loses_nan_is_never_picked(monkeypatch):
     assert plan and set(plan.values()) == {"reference"}
 
 
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=1, stride=2), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=7, stride=2, padding=3),
+    dict(kernel_size=3, padding=2, dilation=2), dict(kernel_size=1, stride=3), dict(kernel_size=3, padding=4),
+])
+@pytest.mark.parametrize("size", [(1, 1), (2, 5), (8, 8), (9, 7)])
+def test_the_planted_nan_is_read_by_some_output(geometry, size):
+    """Else the NaN check would pass any candidate on that layer (a strided
+    1x1 conv skips every other input)."""
+    from resnet_fast.tuning import _nan_poisoned
+
+    conv = torch.nn.Conv2d(4, 6, bias=False, **geometry)
+    x = torch.randn(2, 4, *size)
+    poisoned, must_be_nan = _nan_poisoned(x, conv)
+    assert torch.isnan(poisoned).sum() == 1
+    assert must_be_nan.any()
+    # Exactly the outputs aten's convolution turns into NaN.
+    with torch.no_grad():
+        assert torch.equal(torch.isnan(conv(poisoned)), must_be_nan)
+
+
 @needs_native
 def test_a_failing_candidate_is_skipped_with_a_warning(monkeypatch):
     import resnet_fast.layers as layers
