@@ -88,16 +88,6 @@ def _cuda_conv_choice(x, weight, residual, args) -> str:
     return _with_cuda_conv("auto", query)(x)
 
 
-def _family_runs(family: str, x, weight, residual, args) -> bool:
-    """Whether the implicit GEMM's `family` ("cutlass_sm90", "cutlass_sm80")
-    runs this layer on x's GPU."""
-    query = lambda x: ops.cuda_conv_algorithm(x, weight, residual, **args)  # noqa: E731
-    try:
-        return _with_cuda_conv(family, query)(x).startswith("cutlass")
-    except RuntimeError:  # the family cannot run it (and says why)
-        return False
-
-
 def _cudnn_fused(x, weight, bias, residual, relu, args):
     """cuDNN's own fused conv + bias (+ residual) + ReLU for this layer, or
     None where there is none: not CUDA, no ReLU, or cuDNN refuses the layer
@@ -163,7 +153,7 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
         native = contenders["ours (native)"]
         cuda_conv = _cuda_conv_choice(x, weight, residual, args)
         for family in ("cutlass_sm90", "cutlass_sm80"):
-            if _family_runs(family, x, weight, residual, args):
+            if tuning.family_runs(family, conv, weight, x, residual, relu):
                 contenders[f"ours (native, {family.replace('_', ' ')})"] = _with_cuda_conv(family, native)
         contenders["ours (native, cudnn)"] = _with_cuda_conv("cudnn", native)
     contenders["conv+epilogue"] = lambda x: ops.bias_act(F.conv2d(x, weight, None, **args), bias, residual, relu,

@@ -9,6 +9,7 @@ forward computation is fused:
     bias (cached, see FoldCache), then conv_bias_act.
   - any other norm layer: the modules as they are, unfused.
 """
+import contextlib
 import threading
 import warnings
 from collections import OrderedDict
@@ -288,14 +289,10 @@ def conv_norm_act(
             return ops.conv_bias_act_(
                 residual, x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
             )
-        if family is not None:
-            with ops.cuda_conv_family(family):
-                return ops.conv_bias_act(
-                    x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
-                )
-        return ops.conv_bias_act(
-            x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
-        )
+        with contextlib.nullcontext() if family is None else ops.cuda_conv_family(family):
+            return ops.conv_bias_act(
+                x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
+            )
     return _unfused(conv, norm, x, residual, relu)
 
 

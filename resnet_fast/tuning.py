@@ -58,7 +58,7 @@ def _candidates(device: torch.device, requested: Optional[Sequence[str]]) -> Lis
     return [name for name in names if _unavailable_reason(split_choice(name)[0], device) is None]
 
 
-def _family_runs(family: str, conv: nn.Conv2d, weight: Tensor, x: Tensor, residual: Optional[Tensor],
+def family_runs(family: str, conv: nn.Conv2d, weight: Tensor, x: Tensor, residual: Optional[Tensor],
                  relu: bool) -> bool:
     """Whether the native backend, preferring `family`, runs this layer on
     that family (a preference the family cannot meet falls back to another
@@ -200,7 +200,7 @@ def _fastest_right_candidate(names: Sequence[str], conv: nn.Conv2d, norm: nn.Mod
         family = split_choice(name)[1]
         if family is not None:
             weight = cache.folded(conv, norm)[0].to(x.dtype)
-            if not _family_runs(family, conv, weight, x, residual, relu):
+            if not family_runs(family, conv, weight, x, residual, relu):
                 continue
         try:
             out = run(name).float()

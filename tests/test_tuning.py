@@ -174,21 +174,21 @@ def test_family_runs_is_what_the_native_op_would_run():
     """tune() measures a family only on layers it runs (a preference it
     cannot meet would be measured under another family's name)."""
     from resnet_fast.backends import _NATIVE_HAS_CUDA
-    from resnet_fast.tuning import _family_runs
+    from resnet_fast.tuning import family_runs
 
     if not _NATIVE_HAS_CUDA:
         pytest.skip("the extension was built without its CUDA kernels")
     conv = torch.nn.Conv2d(16, 32, 1, bias=False)
     x = torch.randn(2, 16, 5, 5, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     weight = conv.weight.detach().half().contiguous(memory_format=torch.channels_last)
-    assert _family_runs("cudnn", conv, weight, x, None, relu=True)
-    assert _family_runs("cudnn_fused", conv, weight, x, None, relu=True)
-    assert not _family_runs("cudnn_fused", conv, weight, x, None, relu=False)
-    assert not _family_runs("cutlass_sm90", conv, weight, x, None, relu=True)  # a CPU tensor: no Hopper
+    assert family_runs("cudnn", conv, weight, x, None, relu=True)
+    assert family_runs("cudnn_fused", conv, weight, x, None, relu=True)
+    assert not family_runs("cudnn_fused", conv, weight, x, None, relu=False)
+    assert not family_runs("cutlass_sm90", conv, weight, x, None, relu=True)  # a CPU tensor: no Hopper
     cutlass_built = "without the CUTLASS headers" not in resnet_fast.ops.cuda_conv_algorithm(x, weight)
-    assert _family_runs("cutlass_sm80", conv, weight, x, None, relu=True) == cutlass_built
+    assert family_runs("cutlass_sm80", conv, weight, x, None, relu=True) == cutlass_built
     odd = torch.nn.Conv2d(16, 12, 1, bias=False)  # 12 output channels: not for the implicit GEMM
-    assert not _family_runs("cutlass_sm80", odd, odd.weight.detach().half(), x, None, relu=True)
+    assert not family_runs("cutlass_sm80", odd, odd.weight.detach().half(), x, None, relu=True)
 
 
 @needs_native
