@@ -124,7 +124,8 @@ def main(argv=None) -> int:
         if train_batch:
             print(f"  train step: {arch}, batch {train_batch}, {train_size}x{train_size}", flush=True)
             rows += train_step.run(arch, train_batch, train_size, dtype, device, args.repeats,
-                                   end_to_end.flops_per_image(arch, train_size), env["ceiling"])
+                                   end_to_end.flops_per_image(arch, train_size), env["ceiling"],
+                                   with_compile=not args.no_compile)
             save(args.out, env, rows, plot=False)
 
     stem = save(args.out, env, rows, plot=False)

@@ -1,6 +1,8 @@
 """One training step (forward, backward, SGD update) of a whole model:
 resnet_fast on each kernel backend against torchvision eager with
-channels_last, on the same inputs, each starting from the same weights."""
+channels_last and, on request, torch.compile of torchvision's model (its
+forward and backward compiled; the SGD update eager for every contender),
+on the same inputs, each starting from the same weights."""
 import copy
 from typing import Dict, List
 
@@ -10,7 +12,7 @@ import torchvision
 
 import resnet_fast
 
-from .end_to_end import kernel_backends
+from .end_to_end import compile_fixed_shape, kernel_backends
 from .timing import compare
 
 BASELINE = "torchvision eager, channels_last"
@@ -24,13 +26,19 @@ def _step(model, optimizer, x, y):
     return loss
 
 
+COMPILED = "torch.compile(torchvision)"
+
+
 def run(arch: str, batch: int, size: int, dtype: torch.dtype, device: torch.device, repeats: int,
-        flops_per_image: float, ceiling: Dict) -> List[Dict]:
+        flops_per_image: float, ceiling: Dict, with_compile: bool = False) -> List[Dict]:
     torch.manual_seed(0)
     tv = getattr(torchvision.models, arch)().to(device=device, dtype=dtype, memory_format=torch.channels_last)
     models = {BASELINE: tv}
     for backend in kernel_backends(device):
         models[f"resnet_fast ({backend})"] = resnet_fast.from_torchvision(copy.deepcopy(tv), backend=backend)
+    if with_compile:
+        # Compiled on its first step below (the loss check), outside the timing.
+        models[COMPILED] = compile_fixed_shape(copy.deepcopy(tv), device)
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for name, m in models.items()}
     inputs = [(torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last), torch.randint(0, 1000, (batch,), device=device)) for _ in range(2)]

@@ -40,10 +40,6 @@ IntOrPair = Union[int, Sequence[int]]
 _NAMESPACES = {"native": "resnet_fast", "triton": "resnet_fast_triton"}
 
 
-def _kernels(backend: str):
-    return getattr(torch.ops, _NAMESPACES[backend])
-
-
 # ----------------------------------------------------------------- validation
 
 def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
@@ -78,8 +74,8 @@ def conv_bias_act(
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
     check_flag(relu, "relu")
     if isinstance(weight, Tensor) and weight.is_mkldnn:
-        return torch.ops.resnet_fast.conv_bias_act(
-            x, weight, bias, residual, stride, padding, dilation, groups, relu
+        return autograd_formulas.call(
+            "resnet_fast", "conv_bias_act", x, weight, bias, residual, stride, padding, dilation, groups, relu
         )
     check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups, empty_batch_ok=True)
     dilation = effective_dilation(weight.shape, dilation)
@@ -87,7 +83,9 @@ def conv_bias_act(
     backend = resolve_backend(backend, x.device)
     if backend == "reference" or x.shape[0] == 0:  # aten has every rule for an empty batch
         return reference.conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
-    return _kernels(backend).conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu)
+    return autograd_formulas.call(
+        _NAMESPACES[backend], "conv_bias_act", x, weight, bias, residual, stride, padding, dilation, groups, relu
+    )
 
 
 def conv_bias_act_(
@@ -252,7 +250,9 @@ def bn_act_train(
     if backend == "reference":
         out, mean, invstd, var = reference.bn_act_train(x, weight, bias, residual, eps, relu)
     else:
-        out, mean, invstd, var = _kernels(backend).bn_act_train(x, weight, bias, residual, eps, relu)
+        out, mean, invstd, var = autograd_formulas.call(
+            _NAMESPACES[backend], "bn_act_train", x, weight, bias, residual, eps, relu
+        )
     if running_mean is not None:
         with torch.no_grad():
             unbiased = var * (count / (count - 1))

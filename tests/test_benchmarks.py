@@ -61,6 +61,26 @@ def test_pytest_benchmarks_run_and_check_their_outputs():
     assert " passed" in result.stdout and " failed" not in result.stdout
 
 
+def test_train_step_has_a_compiled_contender(monkeypatch):
+    """torch.compile of torchvision's model is a training-step contender
+    (compiled forward and backward, eager SGD) from the same weights. The
+    compiler is aot_eager here: the benchmark's wiring is under test, not
+    Inductor's code generation, which takes minutes on a small CPU."""
+    import functools
+
+    import torch
+
+    from benchmarks import train_step
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    rows = train_step.run("resnet18", 2, 32, torch.float32, torch.device("cpu"), 1, 1e9, {"matmul_tflops": 1.0},
+                          with_compile=True)
+    by_contender = {r["contender"]: r for r in rows}
+    assert {train_step.BASELINE, train_step.COMPILED, "resnet_fast (native)"} <= set(by_contender)
+    assert by_contender[train_step.COMPILED]["first_loss_diff_vs_torchvision"] < 1e-5
+    assert by_contender[train_step.COMPILED]["median_ms"] > 0
+
+
 def test_per_layer_table_says_which_cuda_convolution_ran():
     """On CUDA each layer's row for the native op names the convolution it
     picked (a GPU run is the only place those rows are made)."""

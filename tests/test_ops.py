@@ -253,6 +253,41 @@ def test_bn_act_train_gradients(backend, relu, residual):
         assert_rel(g, e, dtype=torch.float32, factor=10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_route_equals_the_registered_op(backend):
+    """ops.* applies the autograd formulas through a plain autograd.Function
+    outside torch.compile; the op called directly goes through the formulas
+    registered with torch.library. Same kernels, same formulas: the outputs
+    and every gradient must be identical, and without grad mode no graph."""
+    from resnet_fast.ops import _NAMESPACES
+
+    kernels = getattr(torch.ops, _NAMESPACES[backend])
+    x, weight, bias, args = make_conv("3x3s2_odd", torch.float32)
+    res = channels_last(torch.randn(conv_out_shape(x, weight, args)))
+    s, p, d, g = [args[k] if k == "groups" else [args[k]] * 2 for k in ("stride", "padding", "dilation", "groups")]
+    bn_x, gamma, beta = _bn_inputs((3, 7, 5, 4), torch.float32)
+    bn_res = channels_last(torch.randn(bn_x.shape))
+    calls = {
+        "conv_bias_act": ((x, weight, bias, res), lambda t, route: (
+            ops.conv_bias_act(*t, relu=True, backend=backend, **args) if route == "ops"
+            else kernels.conv_bias_act(*t, s, p, d, g, True))),
+        "bn_act_train": ((bn_x, gamma, beta, bn_res), lambda t, route: (
+            ops.bn_act_train(*t[:3], residual=t[3], relu=True, backend=backend)[0] if route == "ops"
+            else kernels.bn_act_train(*t, 1e-5, True)[0])),
+    }
+    for name, (inputs, run) in calls.items():
+        results = {}
+        for route in ("ops", "registered"):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            out = run(leaves, route)
+            out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(0)))
+            results[route] = [out.detach()] + [leaf.grad for leaf in leaves]
+        for got, expected in zip(results["ops"], results["registered"]):
+            assert torch.equal(got, expected), name
+        with torch.no_grad():
+            assert run([t.clone().requires_grad_() for t in inputs], "ops").grad_fn is None
+
+
 @needs_native
 def test_opcheck_native_ops():
     """Schemas, fake kernels and autograd registrations agree with the kernels."""
