@@ -69,10 +69,12 @@ def test_train_step_has_a_compiled_contender(monkeypatch):
     import functools
 
     import torch
+    import torch._inductor.config as inductor_config
 
     from benchmarks import train_step
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(inductor_config, "freezing", inductor_config.freezing)  # the benchmark sets it
     rows = train_step.run("resnet18", 2, 32, torch.float32, torch.device("cpu"), 1, 1e9, {"matmul_tflops": 1.0},
                           with_compile=True)
     by_contender = {r["contender"]: r for r in rows}
