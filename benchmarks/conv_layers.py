@@ -14,6 +14,9 @@ the ways that matter:
   cudnn fused               on CUDA, cuDNN's own fused conv + bias (+ residual) + ReLU
                             (torch.cudnn_convolution_relu / _add_relu), where cuDNN runs it
   ours (native, prepacked)  the native op with the weight prepacked for oneDNN (CPU only)
+  ours (native, winograd)   ops.conv3x3_winograd_bias_act, Winograd's F(4x4, 3x3), on every
+                            3x3 stride-1 layer (CPU float32; the models take it where
+                            ops.cpu_conv_algorithm says so)
   ours (tuned)              the layer as a model tuned by resnet_fast.tune() runs it: the
                             fastest right candidate (on CUDA: each convolution family of the
                             native op, Triton, the reference), chosen in a short tuning run of
@@ -171,6 +174,11 @@ def _layer_contenders(layer: Dict, device: torch.device, dtype: torch.dtype):
     if packed is not None:
         contenders["ours (native, prepacked)"] = lambda x: ops.conv_bias_act(x, packed, bias, residual, relu=relu,
                                                                             **args)
+    transformed = (ops.winograd_weight(weight) if device.type == "cpu" and (r, s, p, d, g) == (3, 1, 1, 1, 1)
+                   else None)
+    if transformed is not None:
+        contenders["ours (native, winograd)"] = lambda x: ops.conv3x3_winograd_bias_act(
+            x, weight, transformed, bias, residual, relu)
     flops = 2 * out_shape.numel() * c // g * r * r
     return contenders, x, flops, cuda_conv, tuned
 

@@ -41,7 +41,14 @@ def compile_fixed_shape(model: torch.nn.Module, device: torch.device, mode: Opti
     batch of the run, and dynamo would otherwise compile later ones for a
     dynamic batch, measured 30% slower at batch 1) and, on the CPU, Inductor's
     freezing (which folds BN and prepacks oneDNN weights; it applies to
-    inference graphs only)."""
+    inference graphs only). Every (model, batch, dtype) of a run is another
+    compiled entry of that one code object, more than dynamo's default
+    recompile limit (8), past which it runs the model eagerly: the limit is
+    raised for the run."""
+    import torch._dynamo.config as dynamo_config
+
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 256))
     if device.type == "cpu":
         import torch._inductor.config as inductor_config
 

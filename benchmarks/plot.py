@@ -13,7 +13,7 @@ benchmark writes is unaffected.
 Redraw the chart of a saved run from its JSON, next to it (RESULTS.png and
 RESULTS.svg):
 
-    python -m benchmarks.plot benchmarks/results/cpu-amd-epyc-2026-11-28.json
+    python -m benchmarks.plot benchmarks/results/cpu-amd-epyc-2026-12-02.json
 """
 import json
 import statistics

@@ -45,7 +45,8 @@ def _layer_id(layer):
     return f"{layer['name']}-{layer['input'][1]}x{layer['input'][2]}-k{layer['kernel']}s{layer['stride']}"
 
 
-CONTENDER_NAMES = ["eager", "folded", "conv+epilogue", "ours (native, prepacked)", "ours (tuned)"] + [
+CONTENDER_NAMES = ["eager", "folded", "conv+epilogue", "ours (native, prepacked)", "ours (native, winograd)",
+                   "ours (tuned)"] + [
     f"ours ({b})" for b in kernel_backends(DEVICE)]
 
 

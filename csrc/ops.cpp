@@ -105,6 +105,19 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "conv_bias_act_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> ()");
+  // A 3x3 stride-1 padding-1 convolution weight transformed for
+  // conv3x3_winograd_bias_act ([36, C, K]); CPU float32, finite weights only.
+  m.def("winograd_weight(Tensor weight) -> Tensor");
+  // conv_bias_act of a 3x3 stride-1 padding-1 convolution by Winograd's
+  // F(4x4, 3x3), for CPU inference (no CUDA kernel, no autograd); weight
+  // serves operands with NaN or Inf, which take the direct convolution.
+  m.def(
+      "conv3x3_winograd_bias_act(Tensor x, Tensor weight, Tensor weight_winograd, Tensor bias, Tensor? residual, "
+      "bool relu) -> Tensor");
+  // The same written into residual (as conv_bias_act_ is).
+  m.def(
+      "conv3x3_winograd_bias_act_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor weight_winograd, "
+      "Tensor bias, bool relu) -> ()");
   // The fused epilogue alone: act(y + bias[c] + residual), NHWC output.
   m.def("bias_act(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
   // Backward of bias_act: grad_z = grad_out masked by out > 0 (empty when

@@ -104,8 +104,10 @@ def _fold_sources(conv: nn.Module, norm: nn.Module) -> Tuple[Optional[Tensor], .
 
 class FoldCache:
     """Folded (weight, bias) of one conv + eval-BN pair, reused across forwards,
-    the weight prepacked for oneDNN per input shape (CPU inference), and the
-    weight in the Triton convolution's GEMM layout (ops.gemm_layout_weight).
+    the weight prepacked for oneDNN per input shape (CPU inference), the
+    weight transformed for the Winograd convolution (CPU inference,
+    ops.winograd_weight), and the weight in the Triton convolution's GEMM
+    layout (ops.gemm_layout_weight).
 
     The key holds the storage address, version counter, dtype and device of
     every source tensor, so an optimizer step, an in-place edit,
@@ -123,7 +125,8 @@ class FoldCache:
 
     def __init__(self):
         # (source key, (weight, bias), {input shape: packed weight},
-        # {"gemm": weight in GEMM layout}): replaced as a whole when the
+        # {"gemm": weight in GEMM layout, "winograd": transformed weight
+        # or None}): replaced as a whole when the
         # sources change, so that a reader without the lock sees one
         # consistent entry.
         self._entry: Optional[Tuple[tuple, Tuple[Tensor, Tensor], "OrderedDict[Tuple[int, ...], Tensor]",
@@ -185,6 +188,21 @@ class FoldCache:
             if shape is None:
                 return weight, bias
             return self._packed_for(entry[2], conv, weight, shape), bias
+
+    def winograd(self, conv: nn.Conv2d, norm: nn.Module) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+        """(weight, weight_winograd, bias): folded, with the weight also
+        transformed for ops.conv3x3_winograd_bias_act. None where that does
+        not apply (a weight with NaN or Inf) or nothing is cached."""
+        weight, bias = self.folded(conv, norm)
+        entry = self._entry
+        if entry is None or entry[1][0] is not weight:  # not cacheable, or replaced meanwhile
+            return None
+        if "winograd" not in entry[3]:
+            with self._lock, torch.inference_mode(False), torch.no_grad():
+                if "winograd" not in entry[3]:
+                    entry[3]["winograd"] = ops.winograd_weight(weight)
+        weight_winograd = entry[3]["winograd"]
+        return None if weight_winograd is None else (weight, weight_winograd, bias)
 
     def _packed_for(self, packs: "OrderedDict[Tuple[int, ...], Tensor]", conv: nn.Conv2d, weight: Tensor,
                     shape: Tuple[int, ...]) -> Tensor:
@@ -278,6 +296,14 @@ def conv_norm_act(
                              f"{x.device.type}")
         resolved = resolve_backend(backend, x.device)
         prepack = resolved == "native" and x.device.type == "cpu" and not x.requires_grad
+        if prepack and cache is not None and not _needs_grad(residual) and ops.cpu_conv_algorithm(
+                x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups) == "winograd":
+            transformed = cache.winograd(conv, norm)
+            if transformed is not None:
+                weight, weight_winograd, bias = transformed
+                if overwrite_residual and _may_write_into(residual, weight):
+                    return ops.conv3x3_winograd_bias_act_(residual, x, weight, weight_winograd, bias, relu)
+                return ops.conv3x3_winograd_bias_act(x, weight, weight_winograd, bias, residual, relu)
         if cache is None:
             weight, bias = _fold(conv, norm)
         else:
@@ -294,6 +320,10 @@ def conv_norm_act(
                 x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
             )
     return _unfused(conv, norm, x, residual, relu)
+
+
+def _needs_grad(t: Optional[Tensor]) -> bool:
+    return t is not None and t.requires_grad and torch.is_grad_enabled()
 
 
 def _may_write_into(residual: Optional[Tensor], weight: Tensor) -> bool:

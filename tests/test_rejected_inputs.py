@@ -51,6 +51,18 @@ def conv_into_residual(**overrides):
     return run
 
 
+def winograd(**overrides):
+    """conv3x3_winograd_bias_act on a valid call (8 -> 12 channels), with overrides."""
+    weight = torch.randn(12, 8, 3, 3)
+    call = dict(x=x4(), weight=weight, weight_winograd=torch.randn(36, 8, 12), bias=torch.randn(12))
+    call.update(overrides)
+
+    def run():
+        with torch.no_grad():
+            return ops.conv3x3_winograd_bias_act(**call)
+    return run
+
+
 def bn(**overrides):
     call = dict(x=x4(), weight=torch.rand(8) + 0.5, bias=torch.randn(8))
     call.update(overrides)
@@ -215,6 +227,42 @@ CASES = [
          lambda: ops.prepack_conv_weight(torch.randn(12, 8, 3, 3), 1, 1, 1, 5)),
     Case("ops.prepack_conv_weight", "weight 2-D", ValueError, "weight must be a 4-D tensor",
          lambda: ops.prepack_conv_weight(torch.randn(12, 8), 1, 1, 1, 1)),
+    # ops.conv3x3_winograd_bias_act
+    Case("ops.conv3x3_winograd_bias_act", "weight 1x1", ValueError, "takes a 3x3 weight (K, C, 3, 3), got (12, 8, 1, 1)",
+         winograd(weight=torch.randn(12, 8, 1, 1))),
+    Case("ops.conv3x3_winograd_bias_act", "x float64", TypeError, "x must be float32, float16 or bfloat16",
+         winograd(x=x4(dtype=torch.float64))),
+    Case("ops.conv3x3_winograd_bias_act", "bfloat16 operands", ValueError, "runs on CPU float32 tensors",
+         winograd(x=x4(dtype=torch.bfloat16), weight=torch.randn(12, 8, 3, 3, dtype=torch.bfloat16),
+                  bias=torch.randn(12, dtype=torch.bfloat16))),
+    Case("ops.conv3x3_winograd_bias_act", "weight_winograd of the wrong shape", ValueError,
+         "weight_winograd must have shape (36, 8, 12)", winograd(weight_winograd=torch.randn(36, 12, 8))),
+    Case("ops.conv3x3_winograd_bias_act", "weight_winograd None", TypeError, "weight_winograd must be a Tensor",
+         winograd(weight_winograd=None)),
+    Case("ops.conv3x3_winograd_bias_act", "residual of the wrong shape", ValueError,
+         "residual has shape (2, 12, 9, 10), expected (2, 12, 9, 11)", winograd(residual=x4(2, 12, 9, 10))),
+    Case("ops.conv3x3_winograd_bias_act", "x that requires grad (under grad mode)", RuntimeError,
+         "is for inference and has no gradient",
+         lambda: ops.conv3x3_winograd_bias_act(x4(requires_grad=True), torch.randn(12, 8, 3, 3),
+                                               torch.randn(36, 8, 12), torch.randn(12))),
+    # ops.conv3x3_winograd_bias_act_
+    Case("ops.conv3x3_winograd_bias_act_", "residual NCHW", ValueError, "must be channels_last contiguous",
+         lambda: ops.conv3x3_winograd_bias_act_(x4(2, 12, 9, 11), x4(), torch.randn(12, 8, 3, 3),
+                                                torch.randn(36, 8, 12), torch.randn(12))),
+    Case("ops.conv3x3_winograd_bias_act_", "residual that is x", ValueError, "shares memory with x",
+         lambda: ops.conv3x3_winograd_bias_act_(*[x4(2, 8, 9, 11).contiguous(memory_format=torch.channels_last)] * 2,
+                                                torch.randn(8, 8, 3, 3), torch.randn(36, 8, 8), torch.randn(8))),
+    Case("ops.conv3x3_winograd_bias_act_", "residual None", TypeError, "residual must be a Tensor",
+         lambda: ops.conv3x3_winograd_bias_act_(None, x4(), torch.randn(12, 8, 3, 3), torch.randn(36, 8, 12),
+                                                torch.randn(12))),
+    # ops.winograd_weight
+    Case("ops.winograd_weight", "weight 2-D", ValueError, "weight must be a 4-D tensor",
+         lambda: ops.winograd_weight(torch.randn(12, 8))),
+    # ops.cpu_conv_algorithm
+    Case("ops.cpu_conv_algorithm", "x not a tensor", TypeError, "x and weight must be Tensors",
+         lambda: ops.cpu_conv_algorithm([1.0], torch.randn(12, 8, 3, 3))),
+    Case("ops.cpu_conv_algorithm", "stride of three ints", ValueError, "stride must be an int or a pair of ints",
+         lambda: ops.cpu_conv_algorithm(x4(), torch.randn(12, 8, 3, 3), stride=(1, 1, 1))),
     # ops.gemm_layout_weight
     Case("ops.gemm_layout_weight", "weight 3-D", ValueError, "weight must be a 4-D tensor",
          lambda: ops.gemm_layout_weight(torch.randn(12, 8, 3))),

@@ -49,7 +49,19 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const at::
 // activations_known_finite in cpu_ops.h).
 thread_local bool known_finite_activations = false;
 
-bool finite(const at::Tensor& t) { return std::isfinite(t.sum(at::kFloat).item<float>()); }
+// Tensors up to this size (biases, small activations) are scanned here, in
+// one thread, without aten's sum and its dispatch and scalar round trip.
+constexpr int64_t kDirectScanLimit = 1 << 14;
+
+bool finite(const at::Tensor& t) {
+  if (t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() <= kDirectScanLimit) {
+    const float* p = t.data_ptr<float>();
+    float sum = 0.f;  // NaN and Inf survive a sum, as in the aten route
+    for (int64_t i = 0; i < t.numel(); ++i) sum += p[i] * 0.f;
+    return sum == 0.f;
+  }
+  return std::isfinite(t.sum(at::kFloat).item<float>());
+}
 
 // A prepacked weight is finite: prepack_conv_weight packs no other.
 bool finite_parameters(const at::Tensor& weight, const at::Tensor& bias) {
@@ -90,6 +102,14 @@ bool onednn_adds(const at::Tensor& residual) { return residual.size(1) > 1 && re
 }  // namespace
 
 bool activations_known_finite() { return known_finite_activations; }
+
+bool operands_finite(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& residual) {
+  if (!finite(bias)) {
+    known_finite_activations = false;
+    return false;
+  }
+  return known_finite_activations || (finite(x) && (!residual.has_value() || finite(*residual)));
+}
 void set_activations_known_finite(bool known) { known_finite_activations = known; }
 
 at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,

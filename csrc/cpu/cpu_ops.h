@@ -66,6 +66,22 @@ void conv_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::T
 bool activations_known_finite();
 void set_activations_known_finite(bool known);
 
+// Whether bias, x and residual are all finite (x and residual taken as such
+// while the network vouches for them); a non-finite bias ends the vouching.
+bool operands_finite(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& residual);
+
+// The 3x3 stride-1 convolution by Winograd's F(4x4, 3x3) (winograd.cpp), for
+// CPU inference in float32: the weight transformed once (winograd_weight:
+// [36, C, K]), then act(conv(x) + bias + residual) from it. weight is the
+// untransformed weight, for operands with NaN or Inf, which take the direct
+// convolution.
+at::Tensor winograd_weight(const at::Tensor& weight);
+at::Tensor conv3x3_winograd_bias_act(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_winograd,
+                                     const at::Tensor& bias, const std::optional<at::Tensor>& residual, bool relu);
+// The same written into residual (channels_last contiguous, not overlapping x).
+void conv3x3_winograd_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& weight_winograd, const at::Tensor& bias, bool relu);
+
 // NaN-propagating ReLU (NaN < 0 is false, so NaN passes through, as torch.relu).
 inline float act(float v, bool relu) { return (relu && v < 0.f) ? 0.f : v; }
 

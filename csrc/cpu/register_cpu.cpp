@@ -9,6 +9,9 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("bias_act_backward", &resnet_fast::cpu::bias_act_backward);
   m.impl("bn_act_train", &resnet_fast::cpu::bn_act_train);
   m.impl("bn_act_backward", &resnet_fast::cpu::bn_act_backward);
+  m.impl("winograd_weight", &resnet_fast::cpu::winograd_weight);
+  m.impl("conv3x3_winograd_bias_act", &resnet_fast::cpu::conv3x3_winograd_bias_act);
+  m.impl("conv3x3_winograd_bias_act_", &resnet_fast::cpu::conv3x3_winograd_bias_act_);
 }
 
 // A weight prepacked into oneDNN's blocked layout (a MkldnnCPU tensor) makes
