@@ -249,10 +249,10 @@ def cpu_conv_algorithm(
     if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
         raise TypeError(f"resnet_fast: x and weight must be Tensors, got {type(x).__name__} and {type(weight).__name__}")
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    if os.environ.get("RESNET_FAST_CPU_WINOGRAD", "1") == "0" or not native_loaded():
-        return "direct"
     if not (x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and stride == (1, 1)
             and padding == (1, 1) and dilation == (1, 1) and groups == 1):
+        return "direct"
+    if os.environ.get("RESNET_FAST_CPU_WINOGRAD", "1") == "0" or not native_loaded():
         return "direct"
     if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
         return "direct"

@@ -86,11 +86,11 @@ bool may_fuse_relu(const at::Tensor& x, const at::Tensor& weight, const at::Tens
     note_parameters(weight, bias);
     return false;
   }
-  if (!finite_parameters(weight, bias)) {
+  if (!weight.is_mkldnn() && !finite(weight)) {  // a prepacked weight is finite (see finite_parameters)
     known_finite_activations = false;
     return false;
   }
-  return known_finite_activations || (finite(x) && (!residual.has_value() || finite(*residual)));
+  return operands_finite(x, bias, residual);
 }
 
 // Some oneDNN builds (torch 2.11's) cannot create the fused residual add when
@@ -102,6 +102,7 @@ bool onednn_adds(const at::Tensor& residual) { return residual.size(1) > 1 && re
 }  // namespace
 
 bool activations_known_finite() { return known_finite_activations; }
+void set_activations_known_finite(bool known) { known_finite_activations = known; }
 
 bool operands_finite(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& residual) {
   if (!finite(bias)) {
@@ -110,7 +111,6 @@ bool operands_finite(const at::Tensor& x, const at::Tensor& bias, const std::opt
   }
   return known_finite_activations || (finite(x) && (!residual.has_value() || finite(*residual)));
 }
-void set_activations_known_finite(bool known) { known_finite_activations = known; }
 
 at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
                          const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
