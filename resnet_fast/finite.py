@@ -10,7 +10,11 @@ checks its input once and vouches for the activations of its layers
 (csrc/cpu/conv.cpp: a layer whose weight or bias is not finite withdraws
 that, and the layers after it look again). A float32 overflow inside the
 network (activations beyond about 3.4e38) is not looked for, as neither
-torch.compile's nor oneDNN's own fused kernels look for it.
+torch.compile's nor oneDNN's own fused kernels look for it. The same holds
+for bfloat16 activations (float32's exponent range; the layers compute in
+float32 where oneDNN has no bfloat16 kernels, ops.cpu_compute_dtype), but not
+for float16, whose activations overflow to Inf from 65504: there every layer
+scans for itself.
 """
 import contextlib
 import math
@@ -22,13 +26,17 @@ from torch import Tensor
 from .backends import native_loaded
 
 
+# Activation dtypes that overflow no sooner than float32 does.
+_VOUCHED_DTYPES = (torch.float32, torch.bfloat16)
+
+
 @contextlib.contextmanager
 def finite_activations(x: Tensor) -> Iterator[None]:
     """Within this block, the CPU conv layers skip their own NaN/Inf scan
     when x is finite. For the forward of a network made only of modules
     resnet_fast knows, without hooks (models.module_path.known_network)."""
     vouch = (
-        native_loaded() and type(x) is Tensor and x.device.type == "cpu" and x.dtype == torch.float32
+        native_loaded() and type(x) is Tensor and x.device.type == "cpu" and x.dtype in _VOUCHED_DTYPES
         and math.isfinite(x.detach().sum(dtype=torch.float32).item())
     )
     if not vouch:

@@ -150,14 +150,16 @@ class FoldCache:
         self.__init__()
 
     def folded(self, conv: nn.Conv2d, norm: nn.Module, prepack_for: Optional[Tensor] = None,
-               gemm_layout: bool = False) -> Tuple[Tensor, Tensor]:
-        """(weight, bias) folded; with prepack_for (an input), the weight comes
-        prepacked for inputs of its shape, where prepacking applies; with
-        gemm_layout, in the Triton convolution's operand layout."""
+               gemm_layout: bool = False, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+        """(weight, bias) folded, in dtype (default: the conv weight's); with
+        prepack_for (an input), the weight comes prepacked for inputs of its
+        shape, where prepacking applies; with gemm_layout, in the Triton
+        convolution's operand layout."""
         sources = _fold_sources(conv, norm)
+        dtype = sources[0].dtype if dtype is None else dtype
         if not _cacheable(sources):
-            return _fold(conv, norm)
-        key = tuple([_tensor_key(t) for t in sources]) + (norm.eps,)
+            return _fold(conv, norm, dtype)
+        key = tuple([_tensor_key(t) for t in sources]) + (norm.eps, dtype)
         shape = None if prepack_for is None else tuple(prepack_for.shape)
         # The common case of a forward, without the lock: one read of the entry.
         entry = self._entry
@@ -179,7 +181,7 @@ class FoldCache:
         with self._lock, torch.inference_mode(False), torch.no_grad():
             entry = self._entry
             if entry is None or entry[0] != key:
-                entry = self._entry = (key, _fold(conv, norm), OrderedDict(), {})
+                entry = self._entry = (key, _fold(conv, norm, dtype), OrderedDict(), {})
             weight, bias = entry[1]
             if gemm_layout:
                 if "gemm" not in entry[3]:
@@ -190,10 +192,10 @@ class FoldCache:
             return self._packed_for(entry[2], conv, weight, shape), bias
 
     def winograd(self, conv: nn.Conv2d, norm: nn.Module) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
-        """(weight, weight_winograd, bias): folded, with the weight also
-        transformed for ops.conv3x3_winograd_bias_act. None where that does
-        not apply (a weight with NaN or Inf) or nothing is cached."""
-        weight, bias = self.folded(conv, norm)
+        """(weight, weight_winograd, bias): folded in float32, with the weight
+        also transformed for ops.conv3x3_winograd_bias_act. None where that
+        does not apply (a weight with NaN or Inf) or nothing is cached."""
+        weight, bias = self.folded(conv, norm, dtype=torch.float32)
         entry = self._entry
         if entry is None or entry[1][0] is not weight:  # not cacheable, or replaced meanwhile
             return None
@@ -247,9 +249,12 @@ def clear_fold_caches(module: nn.Module) -> None:
             cache.clear()
 
 
-def _fold(conv: nn.Conv2d, norm: nn.Module) -> Tuple[Tensor, Tensor]:
+def _fold(conv: nn.Conv2d, norm: nn.Module, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """conv and norm folded into (weight, bias) of dtype (default: the conv
+    weight's), the fold itself computed in float32 (ops.fold_bn)."""
+    weight = conv.weight if dtype is None else conv.weight.to(dtype)
     weight, bias = ops.fold_bn(
-        conv.weight, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps, conv.bias
+        weight, norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps, conv.bias
     )
     return weight.contiguous(memory_format=torch.channels_last), bias
 
@@ -295,31 +300,54 @@ def conv_norm_act(
             raise ValueError(f"resnet_fast: 'native:{family}' names a CUDA convolution family, and x is on "
                              f"{x.device.type}")
         resolved = resolve_backend(backend, x.device)
-        prepack = resolved == "native" and x.device.type == "cpu" and not x.requires_grad
-        if prepack and cache is not None and not _needs_grad(residual) and ops.cpu_conv_algorithm(
-                x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups) == "winograd":
-            transformed = cache.winograd(conv, norm)
-            if transformed is not None:
-                weight, weight_winograd, bias = transformed
-                if overwrite_residual and _may_write_into(residual, weight):
-                    return ops.conv3x3_winograd_bias_act_(residual, x, weight, weight_winograd, bias, relu)
-                return ops.conv3x3_winograd_bias_act(x, weight, weight_winograd, bias, residual, relu)
+        if resolved == "native" and x.device.type == "cpu" and not x.requires_grad:
+            return _cpu_inference(conv, norm, x, residual, relu, cache, overwrite_residual)
         if cache is None:
             weight, bias = _fold(conv, norm)
         else:
-            weight, bias = cache.folded(conv, norm, x if prepack else None, gemm_layout=resolved == "triton")
-        if weight.dtype != x.dtype and not weight.is_mkldnn:
+            weight, bias = cache.folded(conv, norm, gemm_layout=resolved == "triton")
+        if weight.dtype != x.dtype:
             # Autocast or a model kept in another precision: match the input.
             weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-        if overwrite_residual and prepack and _may_write_into(residual, weight):
-            return ops.conv_bias_act_(
-                residual, x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
-            )
         with contextlib.nullcontext() if family is None else ops.cuda_conv_family(family):
             return ops.conv_bias_act(
                 x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, resolved
             )
     return _unfused(conv, norm, x, residual, relu)
+
+
+def _cpu_inference(conv: nn.Conv2d, norm: nn.Module, x: Tensor, residual: Optional[Tensor], relu: bool,
+                   cache: Optional[FoldCache], overwrite_residual: bool) -> Tensor:
+    """conv_norm_act on the CPU's native ops for an x that needs no grad: the
+    Winograd convolution where ops.cpu_conv_algorithm picks it, oneDNN's with
+    the folded weight prepacked for x's shape otherwise; a half-precision x
+    is computed in float32 where ops.cpu_compute_dtype says so."""
+    compute_dtype = ops.cpu_compute_dtype(x.dtype)
+    if compute_dtype != x.dtype and not _needs_grad(residual):
+        wide_residual = None if residual is None else residual.to(compute_dtype)
+        # A widened residual is a fresh copy, the result can be written into it.
+        overwrite_wide = overwrite_residual or (wide_residual is not None and wide_residual is not residual)
+        wide = _cpu_inference(conv, norm, x.to(compute_dtype), wide_residual, relu, cache, overwrite_wide)
+        return wide.to(x.dtype)
+    if cache is not None and not _needs_grad(residual) and ops.cpu_conv_algorithm(
+            x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups) == "winograd":
+        transformed = cache.winograd(conv, norm)
+        if transformed is not None:
+            weight, weight_winograd, bias = transformed
+            if overwrite_residual and _may_write_into(residual, weight):
+                return ops.conv3x3_winograd_bias_act_(residual, x, weight, weight_winograd, bias, relu)
+            return ops.conv3x3_winograd_bias_act(x, weight, weight_winograd, bias, residual, relu)
+    if cache is None:
+        weight, bias = _fold(conv, norm, x.dtype)
+    else:
+        weight, bias = cache.folded(conv, norm, x, dtype=x.dtype)
+    if overwrite_residual and _may_write_into(residual, weight):
+        return ops.conv_bias_act_(
+            residual, x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, relu, "native"
+        )
+    return ops.conv_bias_act(
+        x, weight, bias, residual, conv.stride, conv.padding, conv.dilation, conv.groups, relu, "native"
+    )
 
 
 def _needs_grad(t: Optional[Tensor]) -> bool:

@@ -10,7 +10,7 @@ resnet_fast.kernels.triton, same schemas and autograd formulas).
 """
 import contextlib
 import os
-from typing import Iterator, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from .validation import (
 )
 
 __all__ = ["conv_bias_act", "conv_bias_act_", "conv3x3_winograd_bias_act", "conv3x3_winograd_bias_act_",
-           "cpu_conv_algorithm", "cuda_conv_algorithm",
+           "cpu_compute_dtype", "cpu_conv_algorithm", "cuda_conv_algorithm",
            "cuda_conv_family", "bias_act", "bn_act_train", "fold_bn", "gemm_layout_weight", "prepack_conv_weight",
            "winograd_weight"]
 
@@ -241,11 +241,13 @@ def cpu_conv_algorithm(
 ) -> str:
     """Which convolution the model layers run on the CPU for inference
     (native backend): "winograd" (conv3x3_winograd_bias_act) for a float32
-    3x3 convolution of stride 1, padding 1, dilation 1 and one group whose
-    output has at least WINOGRAD_MIN_TILES_PER_THREAD 4x4 tiles per thread
-    (torch.get_num_threads()); "direct" (oneDNN's convolution, prepacked)
-    otherwise, or always with RESNET_FAST_CPU_WINOGRAD=0 in the environment.
-    Only shapes and dtypes are read."""
+    input x and a 3x3 convolution of stride 1, padding 1, dilation 1 and one
+    group whose output has at least WINOGRAD_MIN_TILES_PER_THREAD 4x4 tiles
+    per thread (torch.get_num_threads()); "direct" (oneDNN's convolution,
+    prepacked) otherwise, or always with RESNET_FAST_CPU_WINOGRAD=0 in the
+    environment. Only shapes and x's device and dtype are read: the layers
+    fold and transform the weight in float32, whatever the module's dtype
+    (see cpu_compute_dtype)."""
     if not (isinstance(x, Tensor) and isinstance(weight, Tensor)):
         raise TypeError(f"resnet_fast: x and weight must be Tensors, got {type(x).__name__} and {type(weight).__name__}")
     stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
@@ -254,11 +256,51 @@ def cpu_conv_algorithm(
         return "direct"
     if os.environ.get("RESNET_FAST_CPU_WINOGRAD", "1") == "0" or not native_loaded():
         return "direct"
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return "direct"
     n, _, h, w = x.shape
     tiles = n * ((h + 3) // 4) * ((w + 3) // 4)
     return "winograd" if tiles >= WINOGRAD_MIN_TILES_PER_THREAD * torch.get_num_threads() else "direct"
+
+
+# Whether oneDNN has convolution kernels for each half-precision dtype on
+# this CPU (AVX-512 or AMX, natively or emulated), by its own test, asked once
+# at import (and so never while torch.compile traces). Where it has none,
+# aten's half-precision convolution takes a reference loop, measured 12x
+# slower than float32 on a 2-core AVX2 CPU (64 channels at 56x56).
+def _onednn_half_kernels() -> Dict[torch.dtype, bool]:
+    queries = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    found = {}
+    for dtype, name in queries.items():
+        query = getattr(torch.ops.mkldnn, name, None) if torch.backends.mkldnn.is_available() else None
+        try:
+            found[dtype] = bool(query()) if query is not None else False
+        except RuntimeError:  # a build without the query
+            found[dtype] = False
+    return found
+
+
+_ONEDNN_HALF_KERNELS = _onednn_half_kernels()
+
+
+def cpu_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the model layers compute a CPU inference convolution in,
+    for activations of `dtype`: float32 for bfloat16 and float16 where
+    oneDNN has no kernels for them on this CPU (input and residual widened,
+    weights folded in float32, each layer's output rounded back to dtype, so
+    the activations between layers stay in dtype); dtype itself otherwise.
+    RESNET_FAST_CPU_HALF_IN_FLOAT32=1 (or 0) in the environment makes it
+    float32 (or dtype) for both half-precision dtypes."""
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"resnet_fast: dtype must be a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in _ONEDNN_HALF_KERNELS:
+        return dtype
+    forced = os.environ.get("RESNET_FAST_CPU_HALF_IN_FLOAT32", "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"resnet_fast: RESNET_FAST_CPU_HALF_IN_FLOAT32 must be 0 or 1 (or unset), got {forced!r}")
+    if forced:
+        return torch.float32 if forced == "1" else dtype
+    return dtype if _ONEDNN_HALF_KERNELS[dtype] else torch.float32
 
 
 def cuda_conv_algorithm(

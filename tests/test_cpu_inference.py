@@ -85,12 +85,33 @@ def _pair_of_models(arch):
     return tv, resnet_fast.from_torchvision(tv).eval()
 
 
-def _same_non_finite(out, expected):
+def _same_non_finite(out, expected, dtype=torch.float32):
     assert torch.equal(out.isnan(), expected.isnan()), "NaN where torchvision has none, or none where it has"
     assert torch.equal(out.isposinf(), expected.isposinf()) and torch.equal(out.isneginf(), expected.isneginf())
     finite = expected.isfinite()
     if finite.any():
-        assert_rel(out[finite], expected[finite], torch.float32)
+        assert_rel(out[finite], expected[finite], dtype)
+
+
+def non_finite_input_or_weight_matches_torchvision(pair, value, dtype=torch.float32):
+    """A NaN or Inf in the input, then in one of three weights of a resnet18
+    (a 3x3 conv, a 1x1-stage conv, a BN scale): out as torchvision gives it.
+    pair() makes a fresh (torchvision, resnet_fast) pair in dtype."""
+    tv, ours = pair()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    x[1, 0, 9, 20] = value
+    with torch.inference_mode():
+        _same_non_finite(ours(channels_last(x)), tv(channels_last(x)), dtype)
+    x = channels_last(torch.randn(2, 3, 32, 32, dtype=dtype))
+    for layer in ("layer1.0.conv2", "layer2.1.conv1", "layer3.1.bn2"):
+        tv, ours = pair()
+        with torch.no_grad():
+            for model in (tv, ours):
+                _poison_middle(model.get_submodule(layer).weight, value)
+            with torch.inference_mode():
+                expected, out = tv(x), ours(x)
+        assert not expected.isfinite().all()
+        _same_non_finite(out, expected, dtype)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])

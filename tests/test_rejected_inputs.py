@@ -263,6 +263,9 @@ CASES = [
          lambda: ops.cpu_conv_algorithm([1.0], torch.randn(12, 8, 3, 3))),
     Case("ops.cpu_conv_algorithm", "stride of three ints", ValueError, "stride must be an int or a pair of ints",
          lambda: ops.cpu_conv_algorithm(x4(), torch.randn(12, 8, 3, 3), stride=(1, 1, 1))),
+    # ops.cpu_compute_dtype
+    Case("ops.cpu_compute_dtype", "dtype given as a string", TypeError, "dtype must be a torch.dtype",
+         lambda: ops.cpu_compute_dtype("bfloat16")),
     # ops.gemm_layout_weight
     Case("ops.gemm_layout_weight", "weight 3-D", ValueError, "weight must be a 4-D tensor",
          lambda: ops.gemm_layout_weight(torch.randn(12, 8, 3))),

@@ -12,7 +12,7 @@ from resnet_fast import ops, reference
 from resnet_fast.testing import randomize_batchnorm_
 
 from conftest import assert_rel, channels_last, kernel_backends
-from test_cpu_inference import _poison_middle, _same_non_finite
+from test_cpu_inference import _poison_middle, non_finite_input_or_weight_matches_torchvision
 
 pytestmark = pytest.mark.skipif("native" not in kernel_backends(), reason="the native extension is not built")
 
@@ -268,22 +268,7 @@ def test_a_residual_that_needs_its_gradient_takes_the_direct_route(every_3x3_lay
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_input_or_weight_reaches_the_output_as_in_torchvision(value, every_3x3_layer):
-    tv, ours = _pair("resnet18")
-    x = torch.randn(2, 3, 32, 32)
-    x[1, 0, 9, 20] = value
-    with torch.inference_mode():
-        expected, out = tv(channels_last(x)), ours(channels_last(x))
-    _same_non_finite(out, expected)
-    x = channels_last(torch.randn(2, 3, 32, 32))
-    for layer in ("layer1.0.conv2", "layer2.1.conv1", "layer3.1.bn2"):
-        tv, ours = _pair("resnet18")
-        with torch.no_grad():
-            for model in (tv, ours):
-                _poison_middle(model.get_submodule(layer).weight, value)
-            with torch.inference_mode():
-                expected, out = tv(x), ours(x)
-        assert not expected.isfinite().all()
-        _same_non_finite(out, expected)
+    non_finite_input_or_weight_matches_torchvision(lambda: _pair("resnet18"), value)
 
 
 def test_weights_edited_after_a_forward_are_seen(every_3x3_layer):
