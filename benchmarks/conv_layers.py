@@ -33,7 +33,8 @@ import torch.nn.functional as F
 import torchvision
 
 from resnet_fast import ops, tuning
-from resnet_fast.layers import FoldCache, conv_norm_act
+from resnet_fast.folding import FoldCache
+from resnet_fast.layers import conv_norm_act
 
 from .end_to_end import kernel_backends
 from .timing import compare

@@ -12,7 +12,7 @@ from . import ops, reference
 from .backends import BACKENDS, available_backends
 from .cuda_graph import cuda_graphed
 from .export import export_onnx, using_backend
-from .layers import clear_fold_caches
+from .folding import clear_fold_caches
 from .sync_batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
 from .tuning import tune
 from .models import *  # noqa: F401,F403

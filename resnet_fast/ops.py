@@ -32,7 +32,7 @@ from .validation import (
 )
 
 __all__ = ["conv_bias_act", "conv_bias_act_", "conv3x3_winograd_bias_act", "conv3x3_winograd_bias_act_",
-           "cpu_compute_dtype", "cpu_conv_algorithm", "cuda_conv_algorithm",
+           "cpu_compute_dtype", "cpu_conv_algorithm", "cpu_winograd_enabled", "cuda_conv_algorithm",
            "cuda_conv_family", "bias_act", "bn_act_train", "fold_bn", "gemm_layout_weight", "prepack_conv_weight",
            "winograd_weight"]
 
@@ -50,6 +50,12 @@ def _pair(value: IntOrPair, name: str) -> Tuple[int, int]:
     if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
         raise ValueError(f"resnet_fast: {name} must be an int or a pair of ints, got {value!r}")
     return pair
+
+
+def check_no_shared_memory(residual: Tensor, x: Tensor, op: str) -> None:
+    """An op that writes into residual while it reads x needs them apart."""
+    if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError(f"resnet_fast: {op} writes into residual, which shares memory with x")
 
 
 # ------------------------------------------------------------------- the ops
@@ -116,14 +122,15 @@ def conv_bias_act_(
     if not isinstance(residual, Tensor):
         raise TypeError(f"resnet_fast: residual must be a Tensor (conv_bias_act_ writes into it), got {type(residual).__name__}")
     if isinstance(weight, Tensor) and weight.is_mkldnn:
+        if isinstance(x, Tensor):
+            check_no_shared_memory(residual, x, "conv_bias_act_")
         torch.ops.resnet_fast.conv_bias_act_(residual, x, weight, bias, stride, padding, dilation, groups, relu)
         return residual
     check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups, empty_batch_ok=True)
     if not residual.is_contiguous(memory_format=torch.channels_last):
         raise ValueError("resnet_fast: conv_bias_act_ writes into residual, which must be channels_last contiguous "
                          "(residual.contiguous(memory_format=torch.channels_last))")
-    if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        raise ValueError("resnet_fast: conv_bias_act_ writes into residual, which shares memory with x")
+    check_no_shared_memory(residual, x, "conv_bias_act_")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (residual, x, weight, bias)):
         raise RuntimeError("resnet_fast: conv_bias_act_ is for inference and has no gradient; use conv_bias_act, "
                            "or call it under torch.no_grad() / torch.inference_mode()")
@@ -178,8 +185,7 @@ def conv3x3_winograd_bias_act_(
     if not residual.is_contiguous(memory_format=torch.channels_last):
         raise ValueError("resnet_fast: conv3x3_winograd_bias_act_ writes into residual, which must be channels_last "
                          "contiguous (residual.contiguous(memory_format=torch.channels_last))")
-    if residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        raise ValueError("resnet_fast: conv3x3_winograd_bias_act_ writes into residual, which shares memory with x")
+    check_no_shared_memory(residual, x, "conv3x3_winograd_bias_act_")
     if x.shape[0] > 0:
         torch.ops.resnet_fast.conv3x3_winograd_bias_act_(residual, x, weight, weight_winograd, bias, relu)
     return residual
@@ -254,13 +260,19 @@ def cpu_conv_algorithm(
     if not (x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and stride == (1, 1)
             and padding == (1, 1) and dilation == (1, 1) and groups == 1):
         return "direct"
-    if os.environ.get("RESNET_FAST_CPU_WINOGRAD", "1") == "0" or not native_loaded():
+    if not cpu_winograd_enabled():
         return "direct"
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return "direct"
     n, _, h, w = x.shape
     tiles = n * ((h + 3) // 4) * ((w + 3) // 4)
     return "winograd" if tiles >= WINOGRAD_MIN_TILES_PER_THREAD * torch.get_num_threads() else "direct"
+
+
+def cpu_winograd_enabled() -> bool:
+    """Whether the Winograd convolution may run: the compiled extension
+    loaded, and RESNET_FAST_CPU_WINOGRAD is not 0 in the environment."""
+    return native_loaded() and os.environ.get("RESNET_FAST_CPU_WINOGRAD", "1") != "0"
 
 
 # Whether oneDNN has convolution kernels for each half-precision dtype on

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from . import ops, plans
 from .backends import (BACKENDS, CUDA_CONV_FAMILIES, _NATIVE_HAS_CUDA, _unavailable_reason, is_choice, split_choice,
                        triton_interpreted)
-from .layers import FoldCache, conv_norm_act
+from .folding import FoldCache
+from .layers import conv_norm_act
 
 # What ops.cuda_conv_algorithm names, per family, when that family runs the layer.
 _FAMILY_NAME_PREFIX = {"cutlass_sm90": "cutlass sm90", "cutlass_sm80": "cutlass sm80", "cudnn": "cudnn:",

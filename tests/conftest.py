@@ -75,6 +75,31 @@ def poison_allocator(numel: int, device="cpu"):
     del junk
 
 
+def record_cpu_convolutions(monkeypatch, names):
+    """[(op name, x)] of every call of these resnet_fast.ops convolutions by
+    the CPU inference layers: a layer's first call of a kind goes through
+    ops.<name>, its later ones through the step kept for it
+    (resnet_fast.cpu_inference.CpuStep), which calls the operator itself."""
+    from resnet_fast import cpu_inference, ops
+
+    calls = []
+    for name in names:
+        def counted(*args, real=getattr(ops, name), name=name, **kwargs):
+            calls.append((name, args[1 if name.endswith("_") else 0]))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, counted)
+    run_trusted = cpu_inference.CpuStep.run_trusted
+
+    def trusted(step, x, residual):
+        if step.op in names and step.calls_operator:  # otherwise it calls ops.<name>, counted above
+            calls.append((step.op, x))
+        return run_trusted(step, x, residual)
+
+    monkeypatch.setattr(cpu_inference.CpuStep, "run_trusted", trusted)
+    return calls
+
+
 def channels_last(t):
     return t.contiguous(memory_format=torch.channels_last)
 

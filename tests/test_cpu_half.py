@@ -12,10 +12,11 @@ from torch import nn
 
 import resnet_fast
 from resnet_fast import ops, reference
-from resnet_fast.layers import FoldCache, conv_norm_act
+from resnet_fast.folding import FoldCache
+from resnet_fast.layers import conv_norm_act
 from resnet_fast.testing import randomize_batchnorm_, rel_err
 
-from conftest import assert_rel, channels_last, kernel_backends
+from conftest import assert_rel, channels_last, kernel_backends, record_cpu_convolutions
 from test_cpu_inference import _same_non_finite, non_finite_input_or_weight_matches_torchvision
 from test_ops import conv_out_shape, make_conv
 
@@ -33,18 +34,11 @@ def route(request, monkeypatch):
 
 @pytest.fixture
 def float32_calls(monkeypatch):
-    """The dtypes of x reaching the CPU's convolution ops, every eligible 3x3
+    """(op, x) of the CPU convolution calls, every eligible 3x3
     layer on the Winograd route."""
     monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES_PER_THREAD", 0)
-    seen = []
-    for name, x_at in (("conv_bias_act", 0), ("conv_bias_act_", 1), ("conv3x3_winograd_bias_act", 0),
-                       ("conv3x3_winograd_bias_act_", 1)):
-        def counted(*args, real=getattr(ops, name), x_at=x_at, name=name, **kwargs):
-            seen.append((name, args[x_at].dtype))
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(ops, name, counted)
-    return seen
+    return record_cpu_convolutions(
+        monkeypatch, ("conv_bias_act", "conv_bias_act_", "conv3x3_winograd_bias_act", "conv3x3_winograd_bias_act_"))
 
 
 # ------------------------------------------------------------ the choice
@@ -118,7 +112,7 @@ def test_a_layer_is_the_exact_answer_rounded_once(case, dtype, with_residual, ro
     assert out.dtype == dtype and out.shape == expected.shape
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out.double(), expected.double(), rtol=eps, atol=2e-5)  # atol: float32 rounding of O(1) terms
-    assert float32_calls and all(seen_dtype == torch.float32 for _, seen_dtype in float32_calls)
+    assert float32_calls and all(x.dtype == torch.float32 for _, x in float32_calls)
     if residual is not None:
         assert torch.equal(residual, kept), "the caller's residual was written"
 
@@ -199,7 +193,7 @@ def test_networks_as_close_to_float64_as_torchvision_is(arch, dtype, route, floa
     # convolution and again after each BN): over seeds the two scatter on
     # either side of each other by up to 1.4x, on 20 logits.
     assert rel_err(out, exact) <= 1.5 * rel_err(theirs, exact)
-    assert {seen_dtype for _, seen_dtype in float32_calls} == {torch.float32}
+    assert {x.dtype for _, x in float32_calls} == {torch.float32}
     assert any(name.startswith("conv3x3_winograd") for name, _ in float32_calls) == (arch != "resnext50_32x4d")
 
 

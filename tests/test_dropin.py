@@ -143,9 +143,9 @@ def test_model_loaded_inside_inference_mode_then_run_outside():
 def test_inference_tensor_weights_say_once_why_they_are_slower():
     with torch.inference_mode():
         model = resnet_fast.resnet18().eval()
-    from resnet_fast import layers
+    from resnet_fast import folding
 
-    layers._inference_note.clear()
+    folding._inference_note.clear()
     with pytest.warns(UserWarning, match="inference_mode.*computed again on every call"):
         with torch.inference_mode():
             model(image())

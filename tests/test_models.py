@@ -268,7 +268,7 @@ def test_intermediate_layer_getter_gives_torchvision_features():
 def test_varying_input_shapes_stay_correct_and_bounded():
     """Weights prepacked per input shape: alternating shapes give the right
     answers, and each layer keeps at most MAX_PACKED_SHAPES of them."""
-    from resnet_fast.layers import FoldCache
+    from resnet_fast.folding import FoldCache
 
     tv, ours = pair("resnet18")
     tv.eval(), ours.eval()

@@ -13,7 +13,7 @@ import torchvision
 
 import resnet_fast
 from resnet_fast import ops
-from resnet_fast.layers import FoldCache
+from resnet_fast.folding import FoldCache
 
 from conftest import assert_rel, kernel_backends
 from models_util import pair

@@ -606,7 +606,8 @@ def test_fold_cache_keeps_the_gemm_layout_weight(monkeypatch):
     """An eval conv + BN layer on the Triton backend launches with the
     folded weight the cache holds in GEMM layout, the same tensor every
     call, and a new one once the weights change."""
-    from resnet_fast.layers import FoldCache, conv_norm_act
+    from resnet_fast.folding import FoldCache
+    from resnet_fast.layers import conv_norm_act
 
     torch.manual_seed(0)
     layer = torch.nn.Conv2d(20, 24, 3, stride=2, padding=1, bias=False)

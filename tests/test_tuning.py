@@ -81,13 +81,12 @@ def test_a_candidate_with_wrong_output_is_never_picked(monkeypatch):
     import resnet_fast.layers as layers
 
     model, x = _model_and_input()
-    original = layers.ops.conv_bias_act
+    original = layers.cpu_inference  # the native backend's eval layers on the CPU
 
     def broken_native(*args, **kwargs):
-        out = original(*args, **kwargs)
-        return out * 1.01 if args[-1] == "native" else out
+        return original(*args, **kwargs) * 1.01
 
-    monkeypatch.setattr(layers.ops, "conv_bias_act", broken_native)
+    monkeypatch.setattr(layers, "cpu_inference", broken_native)
     plan = resnet_fast.tune(model, x, candidates=["native", "reference"], repeats=1, save=False)
     assert plan and set(plan.values()) == {"reference"}
 
@@ -99,13 +98,12 @@ def test_a_candidate_that_loses_nan_is_never_picked(monkeypatch):
     import resnet_fast.layers as layers
 
     model, x = _model_and_input()
-    original = layers.ops.conv_bias_act
+    original = layers.cpu_inference  # the native backend's eval layers on the CPU
 
     def nan_dropping_native(*args, **kwargs):
-        out = original(*args, **kwargs)
-        return torch.nan_to_num(out, nan=0.0) if args[-1] == "native" else out
+        return torch.nan_to_num(original(*args, **kwargs), nan=0.0)
 
-    monkeypatch.setattr(layers.ops, "conv_bias_act", nan_dropping_native)
+    monkeypatch.setattr(layers, "cpu_inference", nan_dropping_native)
     plan = resnet_fast.tune(model, x, candidates=["native", "reference"], repeats=1, save=False)
     assert plan and set(plan.values()) == {"reference"}
 
@@ -137,11 +135,11 @@ def test_a_failing_candidate_is_skipped_with_a_warning(monkeypatch):
     import resnet_fast.tuning as tuning
 
     model, x = _model_and_input()
-    original, measure = layers.ops.conv_bias_act, tuning._fastest_right_candidate
+    original, measure = layers.cpu_inference, tuning._fastest_right_candidate  # the native eval layers on the CPU
     measuring = []  # the model's own forward, which finds the layers, must run
 
     def failing_native(*args, **kwargs):
-        if measuring and args[-1] == "native":
+        if measuring:
             raise RuntimeError("no kernel for this layer\nsecond line")
         return original(*args, **kwargs)
 
@@ -149,7 +147,7 @@ def test_a_failing_candidate_is_skipped_with_a_warning(monkeypatch):
         measuring.append(True)
         return measure(*args, **kwargs)
 
-    monkeypatch.setattr(layers.ops, "conv_bias_act", failing_native)
+    monkeypatch.setattr(layers, "cpu_inference", failing_native)
     monkeypatch.setattr(tuning, "_fastest_right_candidate", measured)
     with pytest.warns(RuntimeWarning, match=r"candidate 'native' failed \(no kernel for this layer\), first on layer"):
         plan = resnet_fast.tune(model, x, candidates=["native", "reference"], repeats=1, save=False)

@@ -11,7 +11,7 @@ import resnet_fast
 from resnet_fast import ops, reference
 from resnet_fast.testing import randomize_batchnorm_
 
-from conftest import assert_rel, channels_last, kernel_backends
+from conftest import assert_rel, channels_last, kernel_backends, record_cpu_convolutions
 from test_cpu_inference import _poison_middle, non_finite_input_or_weight_matches_torchvision
 
 pytestmark = pytest.mark.skipif("native" not in kernel_backends(), reason="the native extension is not built")
@@ -206,14 +206,7 @@ def every_3x3_layer(monkeypatch):
     """Every eligible 3x3 layer on the Winograd route, whatever its size,
     counting the calls."""
     monkeypatch.setattr(ops, "WINOGRAD_MIN_TILES_PER_THREAD", 0)
-    calls = []
-    for name in ("conv3x3_winograd_bias_act", "conv3x3_winograd_bias_act_"):
-        def counted(*args, real=getattr(ops, name), **kwargs):
-            calls.append(args[0].shape)
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(ops, name, counted)
-    return calls
+    return record_cpu_convolutions(monkeypatch, ("conv3x3_winograd_bias_act", "conv3x3_winograd_bias_act_"))
 
 
 def _pair(arch):
@@ -253,7 +246,8 @@ def test_training_and_autograd_take_the_direct_route(every_3x3_layer):
 
 def test_a_residual_that_needs_its_gradient_takes_the_direct_route(every_3x3_layer):
     """A frozen layer whose shortcut carries a gradient: the output must too."""
-    from resnet_fast.layers import FoldCache, conv_norm_act
+    from resnet_fast.folding import FoldCache
+    from resnet_fast.layers import conv_norm_act
 
     conv, bn = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8).eval()
     conv.requires_grad_(False), bn.requires_grad_(False)

@@ -179,6 +179,13 @@ def why_modules(owner: nn.Module, modules: Iterable[nn.Module]) -> Optional[str]
     for m in modules:
         if _has_hooks(m):
             return f"a hook on its {type(m).__name__}"
+    return why_parts(owner)
+
+
+def why_parts(owner: nn.Module) -> Optional[str]:
+    """why_modules without the hooks (for a block of a network that
+    known_network found without any): an activation that is no longer a
+    plain nn.ReLU, or an optional part present."""
     for name in _ACTIVATIONS:
         act = owner._modules.get(name)
         if act is not None and type(act) is not nn.ReLU:

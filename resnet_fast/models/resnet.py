@@ -9,9 +9,11 @@ from torch import Tensor, nn
 
 from ..backends import BACKENDS
 from ..finite import finite_activations
-from ..layers import conv_norm_act, fold_cache
+from ..folding import fold_cache
+from ..layers import conv_norm_act
 from .features import NUM_STAGES, FeatureInfo, last_n_indices, normalize_indices, stage_info
-from .module_path import block_parts, input_needs_modules, known_network, must_call_modules, trace_check_scope
+from .module_path import (block_parts, input_needs_modules, known_network, must_call_modules, trace_check_scope,
+                          why_parts)
 
 # Where optimize() keeps the class a module had before it swapped it in: to_torchvision()
 # restores it, and a swapped block that must call its modules runs its forward.
@@ -96,6 +98,15 @@ class _FusedBlock(nn.Module):
         return original.forward(self, x) if original is not None else self._forward_modules(x)
 
     @torch.jit.unused
+    def _forward_plain(self, x: Tensor, x_disposable: bool) -> Tensor:
+        """_forward_eager for a block of a network that known_network passed
+        (no hooks anywhere), on an input that passed input_needs_modules at the
+        network's entrance: only the block's own parts need a look."""
+        if why_parts(self) is None:
+            return self._forward_fused(x, x_disposable)
+        return self._forward_eager(x, x_disposable)
+
+    @torch.jit.unused
     def _runs_fused(self, x: Tensor) -> bool:
         return not (input_needs_modules(x) or must_call_modules(self, block_parts(self)))
 
@@ -126,7 +137,10 @@ class _FusedBlock(nn.Module):
 
     def _fused(self, conv_name: str, norm_name: str, x: Tensor, residual: Optional[Tensor] = None,
                relu: bool = True, overwrite_residual: bool = False) -> Tensor:
-        conv, norm = getattr(self, conv_name), getattr(self, norm_name)
+        # The module table first: nn.Module's attribute lookup is slow, and this runs for every layer.
+        modules = self._modules
+        conv = modules[conv_name] if conv_name in modules else getattr(self, conv_name)
+        norm = modules[norm_name] if norm_name in modules else getattr(self, norm_name)
         return conv_norm_act(conv, norm, x, residual, relu, self.backend, fold_cache(conv, "folded"), overwrite_residual)
 
     def _shortcut(self, x: Tensor, x_disposable: bool) -> Tuple[Tensor, bool]:
@@ -448,7 +462,7 @@ class ResNet(nn.Module):
     def _plain_stage(stage: nn.Sequential, x: Tensor, x_disposable: bool) -> Tensor:
         for block in stage:
             if isinstance(block, _FusedBlock):
-                x, x_disposable = block._forward_eager(x, x_disposable), True
+                x, x_disposable = block._forward_plain(x, x_disposable), True
             else:  # a known module of another kind: its output may be its input
                 x, x_disposable = block(x), False
         return x
