@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .validation import effective_dilation
+from .validation import effective_dilation, taps_meet_only_padding
 
 
 def _differentiable_vjp(op: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]], needs_grad: Sequence[bool],
@@ -98,13 +98,24 @@ def register(namespace: str) -> None:
         grad_x = grad_w = None
         if need_x or need_w:  # d input and d weight: aten's convolution backward
             conv_dz, conv_x = dz, x
-            if dz.device.type == "cpu" and dz.dtype == torch.bfloat16:
+            half_on_cpu = dz.device.type == "cpu" and dz.dtype in (torch.bfloat16, torch.float16)
+            if half_on_cpu:
                 # aten's CPU bf16 convolution backward on channels_last tensors returns
-                # garbage weight gradients for taps that meet only padding; NCHW is right.
+                # garbage weight gradients for taps that meet only padding; NCHW is right
+                # on AVX2 CPUs, but not with AVX-512/AMX kernels, so there the weight
+                # gradient is computed in float32.
                 conv_dz, conv_x = dz.contiguous(), x.contiguous()
+            weight_in_float32 = need_w and half_on_cpu and taps_meet_only_padding(
+                x.shape[2:], weight.shape[2:], stride, padding, dilation)
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                conv_dz, conv_x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+                conv_dz, conv_x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [need_x, need_w and not weight_in_float32, False]
             )
+            if weight_in_float32:
+                grad_w = torch.ops.aten.convolution_backward(
+                    conv_dz.float(), conv_x.float(), weight.float(), None, stride, padding, dilation, False, [0, 0],
+                    groups, [False, True, False]
+                )[1].to(weight.dtype)
         grad_residual = dz if ctx.has_residual else None
         return grad_x, grad_w, grad_bias.to(ctx.bias_dtype), grad_residual, None, None, None, None, None
 

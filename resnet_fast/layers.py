@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, plans
+from . import cpu_gemm_conv, ops, plans
 from .backends import resolve_backend, split_choice
 from .cpu_inference import cpu_inference
 from .folding import FoldCache, fold_conv_norm
@@ -112,12 +112,16 @@ def _unfused(conv, norm, x, residual, relu):
 
 
 def _conv_bn_train(conv, bn, x, residual, relu, backend):
-    if resolve_backend(backend, x.device) == "triton":
+    resolved = resolve_backend(backend, x.device)
+    if resolved == "triton":
         # The whole layer on the Triton kernels: the conv without an epilogue.
         conv_bias = conv.bias if conv.bias is not None else x.new_zeros(conv.out_channels)
         y = ops.conv_bias_act(
             x, conv.weight, conv_bias, None, conv.stride, conv.padding, conv.dilation, conv.groups, False, "triton"
         )
+    elif resolved == "native" and conv.bias is None and cpu_gemm_conv.applies(
+            x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups):
+        y = cpu_gemm_conv.conv2d(x, conv.weight, conv.stride, conv.padding, conv.dilation)
     else:
         y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     momentum = 0.0 if bn.momentum is None else bn.momentum

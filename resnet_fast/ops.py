@@ -490,9 +490,12 @@ def prepack_conv_weight(
     input_size: Optional[Sequence[int]] = None,
 ) -> Optional[Tensor]:
     """weight reordered into oneDNN's blocked layout for CPU inference, or
-    None where that does not apply (not a CPU float32 weight, no oneDNN, no
-    native extension, or a weight with NaN or Inf: the native kernels fuse
-    ReLU only for finite operands, and a packed weight is not checked again).
+    None where that does not apply (not a CPU weight in float32, or in
+    bfloat16/float16 where oneDNN has kernels for it on this CPU and the
+    convolution has one group; no oneDNN, no native extension, or a weight
+    with NaN or Inf: the native kernels fuse ReLU only for finite operands,
+    and a packed weight is not checked again). A packed weight takes inputs
+    of its own dtype.
 
     input_size, the shape of a typical input, lets oneDNN choose the layout
     its kernel for that shape wants; without it some layers run slower than
@@ -505,7 +508,11 @@ def prepack_conv_weight(
         raise ValueError(f"resnet_fast: groups={groups} must be a positive int dividing the output channels ({weight.shape[0]})")
     if not (native_loaded() and torch.backends.mkldnn.is_available()):
         return None
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.isfinite(weight).all():
+    half = weight.dtype in _ONEDNN_HALF_KERNELS
+    if weight.device.type != "cpu" or not (weight.dtype == torch.float32 or (
+            half and _ONEDNN_HALF_KERNELS[weight.dtype] and groups == 1)):
+        return None
+    if not torch.isfinite(weight).all():
         return None
     return torch.ops.mkldnn._reorder_convolution_weight(
         weight.detach(),

@@ -57,6 +57,19 @@ def effective_dilation(weight_shape, dilation) -> Tuple[int, int]:
     return tuple(1 if weight_shape[2 + d] == 1 else int(dilation[d]) for d in range(2))
 
 
+def taps_meet_only_padding(input_hw, kernel_hw, stride, padding, dilation) -> bool:
+    """Whether some kernel tap reads padding at every output position (a 3x3
+    kernel with padding 1 over a 1-pixel-wide image: its outer taps)."""
+    for size, kernel, s, p, d in zip(input_hw, kernel_hw, stride, padding, dilation):
+        outputs = (size + 2 * p - d * (kernel - 1) - 1) // s + 1
+        for tap in range(kernel):
+            first = tap * d - p  # the input index the tap reads for output 0
+            inside = -(first // s) if first < 0 else 0  # the first output for which it reads index >= 0
+            if 0 < outputs and (inside >= outputs or first + inside * s >= size):
+                return True
+    return False
+
+
 def crop_for_unit_outputs(x: Tensor, weight_shape, stride, padding, dilation):
     """(x, stride, padding) rewritten where an output dimension has size 1
     and a stride > 1: x reduced to the one window (zero-padded explicitly

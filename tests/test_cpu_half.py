@@ -1,10 +1,11 @@
-"""bfloat16 and float16 inference on a CPU without oneDNN kernels for them:
-each layer computed in float32 (input and residual widened, BN folded in
-float32) and its output rounded back, so the activations stay half-precision
-(ops.cpu_compute_dtype). Checked per layer against the float64 answer rounded
-once, per network against torchvision in the same dtype (and float64), on
-both routes (forced by RESNET_FAST_CPU_HALF_IN_FLOAT32), with NaN and Inf,
-including float16's own overflow."""
+"""bfloat16 and float16 CPU inference on both routes (ops.cpu_compute_dtype;
+RESNET_FAST_CPU_HALF_IN_FLOAT32 forces either): without oneDNN kernels for
+the dtype each layer computes in float32 (input and residual widened, BN
+folded in float32) and rounds its output back, so the activations stay
+half-precision; with them, it runs oneDNN's fused convolution in the dtype
+on a prepacked weight. Checked per layer against the float64 answer (rounded
+once, on the float32 route), per network against torchvision in the same
+dtype (and float64), with NaN and Inf, including float16's own overflow."""
 import pytest
 import torch
 import torchvision
@@ -131,7 +132,8 @@ def test_any_input_layout_on_either_route(layout, route):
     assert_rel(out, _exact_then_rounded(conv, bn, x, residual, relu=True), torch.bfloat16)
 
 
-def test_overwrite_residual_in_half_precision_gives_the_same_answer():
+@pytest.mark.parametrize("route", ["float32"], indirect=True)
+def test_overwrite_residual_in_half_precision_gives_the_same_answer(route):
     torch.manual_seed(2)
     conv, bn, x, _ = _layer("1x1", torch.bfloat16)
     residual = channels_last(torch.randn(3, 24, 5, 5, dtype=torch.bfloat16))
@@ -253,3 +255,101 @@ def test_torch_compile_traces_either_route_in_one_graph(route):
         out = layer(x, residual)
     assert out.dtype == torch.bfloat16
     assert_rel(out, _exact_then_rounded(conv, bn, x, residual, relu=True), torch.bfloat16)
+
+
+# ------------------------------------------------------------ in the dtype, prepacked
+
+def _needs_onednn_kernels(dtype):
+    if not ops._ONEDNN_HALF_KERNELS[dtype]:
+        pytest.skip(f"oneDNN has no {dtype} convolution kernels on this CPU (AVX-512 or AMX needed)")
+
+
+def test_prepacking_half_weights_needs_kernels_and_one_group(monkeypatch):
+    weight = torch.randn(8, 4, 3, 3, dtype=torch.bfloat16)
+    monkeypatch.setattr(ops, "_ONEDNN_HALF_KERNELS", {dtype: False for dtype in HALF})
+    assert ops.prepack_conv_weight(weight, 1, 1, 1, 1, (2, 4, 9, 9)) is None
+    monkeypatch.setattr(ops, "_ONEDNN_HALF_KERNELS", {dtype: True for dtype in HALF})
+    # grouped: oneDNN's fused add+ReLU is not there for them in half precision
+    assert ops.prepack_conv_weight(torch.randn(8, 2, 3, 3, dtype=torch.bfloat16), 1, 1, 1, 2, (2, 4, 9, 9)) is None
+    poisoned = weight.clone()
+    poisoned[3, 1, 0, 2] = float("nan")
+    assert ops.prepack_conv_weight(poisoned, 1, 1, 1, 1, (2, 4, 9, 9)) is None
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "grouped"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_a_prepacked_half_layer_matches_the_unpacked_one(case, dtype, with_residual):
+    """conv_bias_act on a weight prepacked in the half dtype (oneDNN's
+    fused convolution) against the same call on the plain weight (aten's
+    convolution + our epilogue) and the float64 answer."""
+    _needs_onednn_kernels(dtype)
+    torch.manual_seed(3)
+    x, weight, bias, args = make_conv(case, dtype)
+    residual = channels_last(torch.randn(conv_out_shape(x, weight, args), dtype=dtype)) if with_residual else None
+    packed = ops.prepack_conv_weight(weight, args["stride"], args["padding"], args["dilation"], 1, x.shape)
+    assert packed is not None and packed.is_mkldnn and packed.dtype == dtype
+    with torch.inference_mode():
+        out = ops.conv_bias_act(x, packed, bias, residual, relu=True, **args)
+        plain = ops.conv_bias_act(x, weight, bias, residual, relu=True, **args)
+    exact = reference.conv_bias_act(x.double(), weight.double(), bias.double(),
+                                    None if residual is None else residual.double(), relu=True, **args)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel(out, exact.to(dtype), dtype)
+    assert rel_err(out, exact) <= 1.5 * rel_err(plain, exact) + torch.finfo(dtype).eps
+
+
+def test_a_prepacked_half_weight_refuses_another_input_dtype():
+    _needs_onednn_kernels(torch.bfloat16)
+    x, weight, bias, args = make_conv("3x3s1_batch1", torch.bfloat16)
+    packed = ops.prepack_conv_weight(weight, args["stride"], args["padding"], args["dilation"], 1, x.shape)
+    with pytest.raises(RuntimeError, match="weight has dtype BFloat16 but the input has Float"):
+        ops.conv_bias_act(x.float(), packed, bias.float(), relu=True, **args)
+
+
+@pytest.fixture
+def decided_steps(monkeypatch):
+    from resnet_fast import cpu_inference
+
+    steps, real = [], cpu_inference._decide
+
+    def recorded(*args, **kwargs):
+        steps.append(real(*args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(cpu_inference, "_decide", recorded)
+    return steps
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("route", ["native"], indirect=True)
+def test_networks_in_the_dtype_run_prepacked_and_as_close_as_torchvision(arch, dtype, route, decided_steps):
+    _needs_onednn_kernels(dtype)
+    tv, ours = _half_pair(arch, dtype)
+    x = channels_last(torch.randn(2, 3, 48, 40))
+    with torch.inference_mode():
+        exact = tv.double()(x.double())
+        theirs = tv.to(dtype)(x.to(dtype))
+        out = ours(x.to(dtype))
+    assert out.dtype == dtype
+    assert_rel(out, exact.to(dtype), dtype)
+    assert rel_err(out, exact) <= 1.5 * rel_err(theirs, exact)
+    # Every layer prepacked in the dtype, but ResNeXt's grouped 3x3s.
+    grouped = arch.startswith("resnext")
+    packed = [step.weights[0].is_mkldnn and step.weights[0].dtype == dtype for step in decided_steps]
+    assert len(packed) == (20 if arch == "resnet18" else 53)
+    assert sum(packed) == len(packed) - (16 if grouped else 0)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("route", ["native"], indirect=True)
+def test_non_finite_input_or_weight_on_the_prepacked_route(dtype, value, route):
+    _needs_onednn_kernels(dtype)
+
+    def pair():
+        tv, ours = _half_pair("resnet18", dtype)
+        return tv.to(dtype), ours
+
+    non_finite_input_or_weight_matches_torchvision(pair, value, dtype)

@@ -1,5 +1,7 @@
 """Every op of the contract, on every available kernel backend, against
 resnet_fast.reference; and the reference itself against plain PyTorch."""
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -484,10 +486,11 @@ def test_prepack_declines_non_finite_weights():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_conv_weight_gradient_where_taps_meet_only_padding(backend):
-    """aten's CPU bf16 convolution backward on channels_last tensors leaves
-    garbage in the weight gradient of taps that meet only padding (here the
-    outer taps of a 1x3 kernel over a width-1 input); the ops' backward is
-    right. Repeated: the garbage is whatever memory held."""
+    """aten's CPU bf16 convolution backward leaves garbage in the weight
+    gradient of taps that meet only padding (here the outer taps of a 1x3
+    kernel over a width-1 input): on channels_last tensors everywhere, on
+    NCHW ones too with AVX-512/AMX kernels; the ops' backward is right.
+    Repeated: the garbage is whatever memory held."""
     for _ in range(10):
         x = channels_last(torch.randn(2, 2, 2, 1)).bfloat16()
         weight, bias = torch.randn(1, 2, 1, 3).bfloat16(), torch.randn(1).bfloat16()
@@ -499,6 +502,24 @@ def test_bf16_conv_weight_gradient_where_taps_meet_only_padding(backend):
             grads.append([leaf.grad for leaf in leaves])
         for got, expected in zip(grads[1], grads[0]):
             assert_rel(got.float(), expected, dtype=torch.bfloat16)
+
+
+def test_taps_meet_only_padding_by_enumeration():
+    """validation.taps_meet_only_padding against every output position read."""
+    from resnet_fast.validation import taps_meet_only_padding
+
+    seen = set()
+    for size, kernel, stride, padding, dilation in itertools.product(range(1, 6), range(1, 5), range(1, 4),
+                                                                     range(4), range(1, 3)):
+        outputs = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+        if outputs <= 0:
+            continue
+        enumerated = any(all(not 0 <= o * stride - padding + tap * dilation < size for o in range(outputs))
+                         for tap in range(kernel))
+        assert taps_meet_only_padding((size, 3), (kernel, 1), (stride, 1), (padding, 0), (dilation, 1)) == enumerated
+        assert taps_meet_only_padding((3, size), (1, kernel), (1, stride), (0, padding), (1, dilation)) == enumerated
+        seen.add(enumerated)
+    assert seen == {True, False}
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)

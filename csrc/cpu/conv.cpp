@@ -1,9 +1,10 @@
 // conv_bias_act (and conv_bias_act_, the same written into the residual) on
-// the CPU. For float32 the convolution runs in oneDNN with the epilogue fused
-// into it as post-ops (bias, residual add, ReLU), which measured faster than
-// aten's convolution followed by our separate epilogue pass (the per-layer
-// benchmark's "conv+epilogue" row, benchmarks/conv_layers.py). Other dtypes
-// take that second route: aten convolution, then the in-place epilogue.
+// the CPU. For float32, and for bfloat16/float16 with a weight prepacked in
+// that dtype, the convolution runs in oneDNN with the epilogue fused into it
+// as post-ops (bias, residual add, ReLU), which measured faster than aten's
+// convolution followed by our separate epilogue pass (the per-layer
+// benchmark's "conv+epilogue" row, benchmarks/conv_layers.py). Other
+// calls take that second route: aten convolution, then the in-place epilogue.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
@@ -16,10 +17,14 @@ namespace resnet_fast::cpu {
 
 namespace {
 
-bool onednn_fuses(const at::Tensor& x) {
-  // Only fp32: for bfloat16 oneDNN's fused add+ReLU falls back to an aten
-  // kernel that does not support it for some shapes (grouped convolutions).
-  return at::hasMKLDNN() && x.scalar_type() == at::kFloat;
+bool onednn_fuses(const at::Tensor& x, const at::Tensor& weight) {
+  if (!at::hasMKLDNN()) return false;
+  if (x.scalar_type() == at::kFloat) return !weight.is_mkldnn() || weight.scalar_type() == at::kFloat;
+  // Half precision only with a weight prepacked in that dtype, which
+  // prepack_conv_weight makes only where oneDNN has the CPU kernels and for
+  // one group: for grouped bfloat16 convolutions oneDNN's fused add+ReLU
+  // falls back to an aten kernel that does not support it.
+  return weight.is_mkldnn() && weight.scalar_type() == x.scalar_type();
 }
 
 // mkldnn::_convolution_pointwise[.binary] through the dispatcher (boxed, so
@@ -117,9 +122,9 @@ at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const
                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu) {
   check_conv_args(x_in, weight, bias, residual, stride, padding, dilation, groups);
   if (weight.is_mkldnn())
-    TORCH_CHECK(onednn_fuses(x_in), "resnet_fast: a prepacked (mkldnn) weight needs float32 input, got ",
-                x_in.scalar_type());
-  if (onednn_fuses(x_in)) {
+    TORCH_CHECK(onednn_fuses(x_in, weight), "resnet_fast: a prepacked (mkldnn) weight needs input of its dtype (",
+                weight.scalar_type(), "), got ", x_in.scalar_type());
+  if (onednn_fuses(x_in, weight)) {
     const at::Tensor w = weight.is_mkldnn() ? weight : weight.contiguous(at::MemoryFormat::ChannelsLast);
     const bool fuse_residual = residual.has_value() && onednn_adds(*residual);
     const bool fuse_relu =
@@ -147,7 +152,7 @@ void conv_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::T
   TORCH_CHECK(residual.is_contiguous(at::MemoryFormat::ChannelsLast),
               "resnet_fast: conv_bias_act_ writes into residual, which must be channels_last contiguous");
   at::assert_no_overlap(residual, x);
-  if (!(onednn_fuses(x) && onednn_adds(residual))) {
+  if (!(onednn_fuses(x, weight) && onednn_adds(residual))) {
     residual.copy_(conv_bias_act(x, weight, bias, residual, stride, padding, dilation, groups, relu));
     return;
   }

@@ -1,0 +1,189 @@
+"""Convolution as one matrix product, for CPU training where the image is
+small and the weight large: ResNet's last stages at training sizes (512
+channels over 4x4 or 7x7 pixels, 1x1 convolutions of 1024-2048 channels).
+
+There, aten's oneDNN convolution is bound by the weight, not the
+arithmetic: its weight gradient comes out in a blocked layout and is
+reordered into the parameter's, which for a 512-channel 3x3 weight takes
+longer than the products themselves (8 images at 4x4 pixels: 7-40 ms,
+where the one product [512, 128] x [128, 4608] takes 1.6 ms on a 2-core
+AVX-512 CPU), and its forward and input gradient run at half the matrix
+unit's speed. Laid out channels_last, the input's patches ("im2col": one
+row of the taps' channels per output pixel) are a strided view of the
+padded input, so each product costs one copy of those patches at most,
+which is small exactly where this route is taken (few pixels).
+
+conv2d is differentiable (GemmConv2d); its backward computes the input
+gradient as the patches' gradient folded back onto the image (col2im: one
+strided add per kernel tap).
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Pair = Tuple[int, int]
+
+
+def _two(value) -> Pair:
+    """An int or a pair (stride, padding and dilation as modules and the op schemas hold them) as a pair."""
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+# The route is taken for at most MAX_PIXELS output pixels (batch x output
+# height x width) and a weight of at least MIN_WEIGHT_ELEMENTS (3x3 and
+# larger kernels) or MIN_WEIGHT_ELEMENTS_1X1 (1x1, whose patches are the
+# input itself). Measured on a 2-core AVX-512 CPU, forward and backward
+# together against aten's: a 512-channel 3x3 at 128 pixels 2.9-8.6x, 256 to
+# 512 channels 3x3 stride 2 1.7x, 1x1 of 256 to 2048 channels at 128 to
+# 392 pixels 1.2-2.7x; a 256-channel 3x3 (0.6M weights) 0.85-0.97x at 49
+# to 392 pixels, a 512-channel 3x3 at 1568 pixels 1.0x.
+MAX_PIXELS = 512
+MIN_WEIGHT_ELEMENTS = 1 << 20
+MIN_WEIGHT_ELEMENTS_1X1 = 1 << 17
+
+
+# Measured where aten's CPU kernels are AVX-512 ones. On a 2-core AVX2 CPU
+# oneDNN's 1x1 convolution gradients measured 5-20% faster than the same
+# matrix products, so there the route stays off unless asked for.
+_MEASURED_CPU = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def enabled() -> bool:
+    """Whether the route may run: on AVX-512 CPUs unless
+    RESNET_FAST_CPU_GEMM_CONV=0 in the environment, elsewhere only with
+    RESNET_FAST_CPU_GEMM_CONV=1."""
+    setting = os.environ.get("RESNET_FAST_CPU_GEMM_CONV", "")
+    return setting == "1" or (setting != "0" and _MEASURED_CPU)
+
+
+def applies(x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair, groups: int) -> bool:
+    """Whether a training convolution of x by weight (no bias) takes this
+    route: CPU float32, one group, a large weight over few output pixels,
+    outside torch.compile (which plans its own convolutions) and CPU
+    autocast (where aten's convolution runs in the autocast dtype)."""
+    if not (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 4 and weight.dim() == 4):
+        return False
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and groups == 1):
+        return False
+    one_by_one = tuple(weight.shape[2:]) == (1, 1)
+    if weight.numel() < (MIN_WEIGHT_ELEMENTS_1X1 if one_by_one else MIN_WEIGHT_ELEMENTS):
+        return False
+    if not enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    out_h, out_w = _out_hw(x, weight, _two(stride), _two(padding), _two(dilation))
+    return 0 < x.shape[0] * out_h * out_w <= MAX_PIXELS
+
+
+def _patches(x: Tensor, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair, out_hw: Pair) -> Tensor:
+    """[N * OH * OW, R * S * C]: row p holds the R x S taps (each C
+    channels) that output pixel p reads."""
+    n, c = x.shape[:2]
+    padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0])) if any(padding) else x
+    nhwc = padded.permute(0, 2, 3, 1).contiguous()
+    sn, sh, sw, sc = nhwc.stride()
+    view = nhwc.as_strided(
+        (n, out_hw[0], out_hw[1], kernel[0], kernel[1], c),
+        (sn, sh * stride[0], sw * stride[1], sh * dilation[0], sw * dilation[1], sc),
+    )
+    return view.reshape(n * out_hw[0] * out_hw[1], kernel[0] * kernel[1] * c)
+
+
+def _weight_matrix(weight: Tensor) -> Tensor:
+    """[K, R * S * C], the taps in _patches' order."""
+    k = weight.shape[0]
+    return weight.permute(0, 2, 3, 1).reshape(k, -1)
+
+
+def _out_hw(x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Pair:
+    return tuple(
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
+        for i in range(2)
+    )
+
+
+def _as_image(rows: Tensor, n: int, out_hw: Pair) -> Tensor:
+    """[N * OH * OW, K] rows as an (N, K, OH, OW) channels_last tensor."""
+    return rows.view(n, out_hw[0], out_hw[1], -1).permute(0, 3, 1, 2)
+
+
+def _in_layout_of(rows: Tensor, weight: Tensor) -> Tensor:
+    """[K, R * S * C] rows as a tensor of weight's shape and strides (the
+    gradient layout autograd and DDP's buckets expect): the rows' own
+    memory where weight is channels_last (as every 1x1 weight is), a copy
+    into weight's layout otherwise."""
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        return rows.as_strided(weight.shape, weight.stride())
+    k, _, r, s = weight.shape
+    return rows.view(k, r, s, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def forward(x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
+    stride, padding, dilation = _two(stride), _two(padding), _two(dilation)
+    out_hw = _out_hw(x, weight, stride, padding, dilation)
+    cols = _patches(x, weight.shape[2:], stride, padding, dilation, out_hw)
+    out = _as_image(cols @ _weight_matrix(weight).t(), x.shape[0], out_hw)
+    # In x's layout, as aten's convolution gives it.
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+def backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair,
+             needs: Tuple[bool, bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """(grad x, grad weight), each only where needs asks; channels_last."""
+    stride, padding, dilation = _two(stride), _two(padding), _two(dilation)
+    n, c, h, w = x.shape
+    k, _, r, s = weight.shape
+    out_hw = tuple(grad_out.shape[2:])
+    grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, k)  # [N * OH * OW, K]
+    grad_x = grad_weight = None
+    if needs[1]:
+        cols = _patches(x, (r, s), stride, padding, dilation, out_hw)
+        grad_weight = _in_layout_of(grad_rows.t() @ cols, weight)
+    if needs[0]:
+        grad_cols = (grad_rows @ _weight_matrix(weight)).view(n, out_hw[0], out_hw[1], r, s, c)
+        padded = x.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c)
+        for i in range(r):
+            for j in range(s):
+                top, left = i * dilation[0], j * dilation[1]
+                padded[:, top:top + stride[0] * (out_hw[0] - 1) + 1:stride[0],
+                       left:left + stride[1] * (out_hw[1] - 1) + 1:stride[1]] += grad_cols[:, :, :, i, j]
+        grad_x = padded[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2).contiguous(
+            memory_format=torch.channels_last)
+    return grad_x, grad_weight
+
+
+class GemmConv2d(torch.autograd.Function):
+    """conv2d(x, weight) (no bias, one group) by the products above."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.conv_args = (stride, padding, dilation)
+        return forward(x, weight, stride, padding, dilation)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        if torch.is_grad_enabled():  # create_graph=True: through aten's differentiable convolution
+            return (*_differentiable_grads(grad_out, x, weight, stride, padding, dilation, ctx.needs_input_grad[:2]),
+                    None, None, None)
+        grad_x, grad_weight = backward(grad_out, x, weight, stride, padding, dilation, ctx.needs_input_grad[:2])
+        return grad_x, grad_weight, None, None, None
+
+
+def _differentiable_grads(grad_out, x, weight, stride, padding, dilation, needs):
+    """(grad x, grad weight) with their own graph: F.conv2d recomputed on
+    fresh views of the inputs, differentiated with create_graph."""
+    with torch.enable_grad():
+        views = (x.view_as(x), weight.view_as(weight))
+        wanted = [v for v, needed in zip(views, needs) if needed]
+        out = F.conv2d(views[0], views[1], None, stride, padding, dilation)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    return tuple(next(grads) if needed else None for needed in needs)
+
+
+def conv2d(x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
+    return GemmConv2d.apply(x, weight, stride, padding, dilation)
