@@ -179,10 +179,7 @@ def _half_pair(arch, dtype):
     return tv, resnet_fast.from_torchvision(tv).eval().to(dtype)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
-@pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("route", ["float32"], indirect=True)
-def test_networks_as_close_to_float64_as_torchvision_is(arch, dtype, route, float32_calls):
+def _network_as_close_to_float64_as_torchvision(arch, dtype):
     tv, ours = _half_pair(arch, dtype)
     x = channels_last(torch.randn(2, 3, 48, 40))
     with torch.inference_mode():
@@ -195,6 +192,13 @@ def test_networks_as_close_to_float64_as_torchvision_is(arch, dtype, route, floa
     # convolution and again after each BN): over seeds the two scatter on
     # either side of each other by up to 1.4x, on 20 logits.
     assert rel_err(out, exact) <= 1.5 * rel_err(theirs, exact)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "resnext50_32x4d"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("route", ["float32"], indirect=True)
+def test_networks_as_close_to_float64_as_torchvision_is(arch, dtype, route, float32_calls):
+    _network_as_close_to_float64_as_torchvision(arch, dtype)
     assert {x.dtype for _, x in float32_calls} == {torch.float32}
     assert any(name.startswith("conv3x3_winograd") for name, _ in float32_calls) == (arch != "resnext50_32x4d")
 
@@ -326,15 +330,7 @@ def decided_steps(monkeypatch):
 @pytest.mark.parametrize("route", ["native"], indirect=True)
 def test_networks_in_the_dtype_run_prepacked_and_as_close_as_torchvision(arch, dtype, route, decided_steps):
     _needs_onednn_kernels(dtype)
-    tv, ours = _half_pair(arch, dtype)
-    x = channels_last(torch.randn(2, 3, 48, 40))
-    with torch.inference_mode():
-        exact = tv.double()(x.double())
-        theirs = tv.to(dtype)(x.to(dtype))
-        out = ours(x.to(dtype))
-    assert out.dtype == dtype
-    assert_rel(out, exact.to(dtype), dtype)
-    assert rel_err(out, exact) <= 1.5 * rel_err(theirs, exact)
+    _network_as_close_to_float64_as_torchvision(arch, dtype)
     # Every layer prepacked in the dtype, but ResNeXt's grouped 3x3s.
     grouped = arch.startswith("resnext")
     packed = [step.weights[0].is_mkldnn and step.weights[0].dtype == dtype for step in decided_steps]
