@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .validation import conv_output_shape
+
 Pair = Tuple[int, int]
 
 
@@ -98,10 +100,7 @@ def _weight_matrix(weight: Tensor) -> Tensor:
 
 
 def _out_hw(x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Pair:
-    return tuple(
-        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1) // stride[i] + 1
-        for i in range(2)
-    )
+    return conv_output_shape(x.shape, weight.shape, stride, padding, dilation)[2:]
 
 
 def _as_image(rows: Tensor, n: int, out_hw: Pair) -> Tensor:
@@ -149,8 +148,7 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride: Pair, padding:
                 top, left = i * dilation[0], j * dilation[1]
                 padded[:, top:top + stride[0] * (out_hw[0] - 1) + 1:stride[0],
                        left:left + stride[1] * (out_hw[1] - 1) + 1:stride[1]] += grad_cols[:, :, :, i, j]
-        grad_x = padded[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2).contiguous(
-            memory_format=torch.channels_last)
+        grad_x = padded[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2)
     return grad_x, grad_weight
 
 
