@@ -29,7 +29,8 @@ def parse_args(argv=None):
                         help="comma-separated eval batches of the whole-model runs (default: 1,8,16 on CPU, 1,32,256 on GPU)")
     parser.add_argument("--bf16-batches", default=None,
                         help="comma-separated eval batches of a second whole-model section with model and input in "
-                             "bfloat16, when --dtype is float32 (default: 1 on CPU, none on GPU; '' skips it)")
+                             "bfloat16, when --dtype is float32 (default on CPU: the eval batches where oneDNN has "
+                             "bfloat16 kernels for it, else 1; none on GPU; '' skips it)")
     parser.add_argument("--train-batch", type=int, default=None,
                         help="batch of the training-step run (default: 8 on CPU, 128 on GPU; 0 skips it)")
     parser.add_argument("--train-size", type=int, default=None, help="image size of the training step "
@@ -57,6 +58,15 @@ def parse_args(argv=None):
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
+
+
+def _cpu_bf16_batches(batches: List[int]) -> List[int]:
+    """The CPU's bfloat16 section: every eval batch where oneDNN has
+    bfloat16 kernels for this CPU; elsewhere (where eager PyTorch runs a
+    reference loop, 10x slower than float32) batch 1 alone."""
+    from resnet_fast import ops
+
+    return list(batches) if ops.cpu_compute_dtype(torch.bfloat16) == torch.bfloat16 else [1]
 
 
 def _batches(parser, flag: str, text: Optional[str], allow_empty: bool) -> Optional[List[int]]:
@@ -88,7 +98,7 @@ def main(argv=None) -> int:
     train_size = args.train_size or (args.size if gpu else 112)
     dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
     bf16_batches = [] if dtype != torch.float32 else args.bf16_batches if args.bf16_batches is not None else (
-        [] if gpu else [1])
+        [] if gpu else _cpu_bf16_batches(batches))
     env = describe(device)
     env["settings"] = vars(args) | {"models": models, "batch": batch, "batches": batches, "bf16_batches": bf16_batches, "train_batch": train_batch,
                                     "train_size": train_size, "dtype": str(dtype)}

@@ -50,12 +50,12 @@ void check_conv_weight(const at::Tensor& x, const at::Tensor& weight, int64_t gr
               " per group x ", groups, " groups)");
 }
 
+}  // namespace
+
 void check_pair(at::IntArrayRef values, const char* name, int64_t minimum) {
   TORCH_CHECK(values.size() == 2 && values[0] >= minimum && values[1] >= minimum, "resnet_fast: ", name,
               " must be two integers >= ", minimum, ", got ", values);
 }
-
-}  // namespace
 
 void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                      const std::optional<at::Tensor>& residual, at::IntArrayRef stride,

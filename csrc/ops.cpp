@@ -118,6 +118,11 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "conv3x3_winograd_bias_act_(Tensor(a!) residual, Tensor x, Tensor weight, Tensor weight_winograd, "
       "Tensor bias, bool relu) -> ()");
+  // Max pooling for CPU inference (no CUDA kernel, no autograd): NHWC output,
+  // no indices.
+  m.def(
+      "max_pool2d_nhwc(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+      "bool ceil_mode) -> Tensor");
   // The fused epilogue alone: act(y + bias[c] + residual), NHWC output.
   m.def("bias_act(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
   // Backward of bias_act: grad_z = grad_out masked by out > 0 (empty when

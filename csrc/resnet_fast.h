@@ -77,6 +77,9 @@ void check_bn_backward_args(const at::Tensor& grad_out, const at::Tensor& x, con
                             const at::Tensor& save_invstd);
 // Every argument of conv_bias_act: shapes, channel counts, groups, residual
 // shape against the convolution's output shape.
+// values: two integers (an int[2] of a schema), each at least minimum.
+void check_pair(at::IntArrayRef values, const char* name, int64_t minimum);
+
 void check_conv_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                      const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);

@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import cpu_replay, ops
 from .folding import FoldCache, fold_conv_norm
 
 
@@ -78,9 +78,11 @@ def cpu_inference(conv: nn.Conv2d, norm: nn.Module, x: Tensor, residual: Optiona
     if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling() or x.shape[0] == 0:
         return _decide(conv, norm, x, residual, relu, cache, overwrite_residual)(x, residual)
     signature = _signature(conv, x, residual, relu, overwrite_residual)
-    step = cache.step(conv, norm, signature)
+    step, entry = cache.step(conv, norm, signature)
     if step is not None:
-        return step.run_trusted(x, residual)
+        out = step.run_trusted(x, residual)
+        cpu_replay.note_step(step, cache, entry, conv, norm, x, residual, out)
+        return out
     step = _decide(conv, norm, x, residual, relu, cache, overwrite_residual)
     out = step(x, residual)  # checked: an error raises before the step is kept
     cache.keep_step(conv, norm, signature, x.dtype, step)
@@ -123,13 +125,13 @@ def _needs_grad(t: Optional[Tensor]) -> bool:
 
 
 def _may_write_into(residual: Optional[Tensor], weight: Tensor) -> bool:
-    """Whether the convolution can take residual as its output: float32
-    (where oneDNN accumulates into it), NHWC, and nothing autograd would
-    track."""
+    """Whether the convolution can take residual as its output: oneDNN's
+    (float32, or half precision with the weight prepacked in that dtype),
+    which accumulates into it; NHWC; and nothing autograd would track."""
     return (
         residual is not None
         and not torch.compiler.is_compiling()  # a compiled graph plans its own buffers
-        and residual.dtype == torch.float32
+        and (residual.dtype == torch.float32 or (weight.is_mkldnn and residual.dtype == weight.dtype))
         and residual.is_contiguous(memory_format=torch.channels_last)
         and not (torch.is_grad_enabled() and (residual.requires_grad or weight.requires_grad))
     )

@@ -188,25 +188,22 @@ class FoldCache:
         weight_winograd = entry[3]["winograd"]
         return None if weight_winograd is None else (weight, weight_winograd, bias)
 
-    def step(self, conv: nn.Conv2d, norm: nn.Module, signature: tuple) -> Optional[Callable]:
-        """The step kept for signature by keep_step, if the sources are
-        still the ones it was made from; else None."""
+    def step(self, conv: nn.Conv2d, norm: nn.Module, signature: tuple) -> Tuple[Optional[Callable], Any]:
+        """(the step kept for signature by keep_step, the entry it belongs
+        to), if the sources are still the ones it was made from; else
+        (None, None)."""
         entry = self._entry
         if entry is None:
-            return None
+            return None, None
         step = entry[3].get("steps", {}).get(signature)
-        if step is None:
-            return None
-        # The key's check, quicker (it runs for every layer on every call): the
-        # same tensor objects, which the entry holds, with the same version
-        # counters and storage addresses (`.data =` changes only the latter).
-        held, marks, eps = entry[3]["sources"]
-        if norm.eps != eps:
-            return None
-        for t, kept, mark in zip(_fold_sources(conv, norm), held, marks):
-            if t is not kept or (mark is not None and (t._version != mark[0] or t.data_ptr() != mark[1])):
-                return None
-        return step
+        if step is None or not _sources_unchanged(entry, conv, norm):
+            return None, None
+        return step, entry
+
+    def holds(self, entry: Any, conv: nn.Conv2d, norm: nn.Module) -> bool:
+        """Whether entry (as step returned it) is still this cache's, made
+        from conv's and norm's tensors as they are now."""
+        return self._entry is entry and _sources_unchanged(entry, conv, norm)
 
     def keep_step(self, conv: nn.Conv2d, norm: nn.Module, signature: tuple, dtype: torch.dtype,
                   step: Callable) -> None:
@@ -246,6 +243,19 @@ class FoldCache:
         return packed
 
 
+def _sources_unchanged(entry: tuple, conv: nn.Module, norm: nn.Module) -> bool:
+    """The key's check, quicker (it runs for every layer on every call): the
+    same tensor objects, which the entry holds, with the same version
+    counters and storage addresses (`.data =` changes only the latter)."""
+    held, marks, eps = entry[3]["sources"]
+    if norm.eps != eps:
+        return False
+    for t, kept, mark in zip(_fold_sources(conv, norm), held, marks):
+        if t is not kept or (mark is not None and (t._version != mark[0] or t.data_ptr() != mark[1])):
+            return False
+    return True
+
+
 def fold_cache(owner: nn.Module, name: str) -> Optional[FoldCache]:
     """The FoldCache that `owner` keeps for its conv called `name`, or None
     while torch.compile traces (the compiled graph folds by itself). Held as
@@ -260,7 +270,8 @@ def fold_cache(owner: nn.Module, name: str) -> Optional[FoldCache]:
 
 
 def clear_fold_caches(module: nn.Module) -> None:
-    """Drop every cached folded weight below module.
+    """Drop every cached folded weight below module (and the recorded
+    forwards made from them, resnet_fast.cpu_replay).
 
     Needed only after editing weights or BN buffers through `.data` (or
     another path that bypasses PyTorch's version counter, which the caches
@@ -272,6 +283,9 @@ def clear_fold_caches(module: nn.Module) -> None:
     for m in module.modules():
         for cache in m.__dict__.get("_fold_caches", {}).values():
             cache.clear()
+        replays = m.__dict__.get("_cpu_replays")  # recorded forwards hold the steps made from them
+        if replays is not None:
+            replays.clear()
 
 
 def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cpu_gemm_conv, ops, plans
+from . import cpu_gemm_conv, cpu_replay, ops, plans
 from .backends import resolve_backend, split_choice
 from .cpu_inference import cpu_inference
 from .folding import FoldCache, fold_conv_norm
@@ -71,6 +71,7 @@ def conv_norm_act(
     follows the layer's plan, if any. overwrite_residual: the
     caller needs residual no more, and an inference call on the CPU may
     write the result into it (ops.conv_bias_act_)."""
+    cpu_replay.layer_begins()
     backend, family = (None, None) if backend is None else split_choice(backend)
     if not _fusable_conv(conv):
         return _unfused(conv, norm, x, residual, relu)

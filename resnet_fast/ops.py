@@ -26,15 +26,17 @@ from .validation import (
     check_flag,
     check_like,
     check_momentum,
+    check_pool_args,
     conv_output_shape,
     crop_for_unit_outputs,
     effective_dilation,
+    pooled_size,
 )
 
 __all__ = ["conv_bias_act", "conv_bias_act_", "conv3x3_winograd_bias_act", "conv3x3_winograd_bias_act_",
            "cpu_compute_dtype", "cpu_conv_algorithm", "cpu_winograd_enabled", "cuda_conv_algorithm",
-           "cuda_conv_family", "bias_act", "bn_act_train", "fold_bn", "gemm_layout_weight", "prepack_conv_weight",
-           "winograd_weight"]
+           "cuda_conv_family", "bias_act", "bn_act_train", "fold_bn", "gemm_layout_weight", "max_pool2d_nhwc",
+           "prepack_conv_weight", "winograd_weight"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -213,6 +215,38 @@ def _check_winograd_args(x, weight, weight_winograd, bias, residual, relu) -> No
                            "conv_bias_act, or call it under torch.no_grad() / torch.inference_mode()")
     if not native_loaded():
         raise RuntimeError("resnet_fast: the Winograd convolution needs the compiled extension, which did not load")
+
+
+def max_pool2d_nhwc(
+    x: Tensor,
+    kernel_size: IntOrPair,
+    stride: Optional[IntOrPair] = None,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """torch.nn.functional.max_pool2d(x, ...) (stride None: kernel_size) for
+    CPU inference (native extension; not differentiable): the same values,
+    NaN where a window holds one, as a channels_last tensor, without the
+    indices aten's CPU kernel computes whether asked for or not."""
+    check_activation(x, "x", empty_batch_ok=True)
+    kernel_size = _pair(kernel_size, "kernel_size")
+    stride = kernel_size if stride is None else _pair(stride, "stride")
+    padding, dilation = _pair(padding, "padding"), _pair(dilation, "dilation")
+    check_flag(ceil_mode, "ceil_mode")
+    check_pool_args(x.shape, kernel_size, stride, padding, dilation, ceil_mode)
+    if x.device.type != "cpu":
+        raise ValueError(f"resnet_fast: max_pool2d_nhwc runs on CPU tensors, got one on {x.device}; use "
+                         "torch.nn.functional.max_pool2d")
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("resnet_fast: max_pool2d_nhwc is for inference and has no gradient; use "
+                           "torch.nn.functional.max_pool2d, or call it under torch.no_grad() / torch.inference_mode()")
+    if not native_loaded():
+        raise RuntimeError("resnet_fast: max_pool2d_nhwc needs the compiled extension, which did not load")
+    if x.shape[0] == 0:
+        out = torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+        return out.contiguous(memory_format=torch.channels_last)
+    return torch.ops.resnet_fast.max_pool2d_nhwc(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def winograd_weight(weight: Tensor) -> Optional[Tensor]:
@@ -552,6 +586,12 @@ def _register_native() -> None:
     @torch.library.register_fake(lib + "conv3x3_winograd_bias_act_")
     def _(residual, x, weight, weight_winograd, bias, relu):
         return None
+
+    @torch.library.register_fake(lib + "max_pool2d_nhwc")
+    def _(x, kernel_size, stride, padding, dilation, ceil_mode):
+        shape = [pooled_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d], ceil_mode)
+                 for d in range(2)]
+        return _channels_last_like((x.shape[0], x.shape[1], *shape), x)
 
     @torch.library.register_fake(lib + "bias_act")
     def _(y, bias, residual, relu):

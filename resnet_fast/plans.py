@@ -30,6 +30,7 @@ from .backends import is_choice
 PLAN_FORMAT = 1
 _lock = threading.Lock()
 _plans: Dict[str, Dict[str, str]] = {}  # plan key -> {layer key: choice}; loaded from disk once per key
+_generation = 0  # bumped whenever _plans changes (see state)
 _recording: Optional[List[Tuple]] = None
 
 
@@ -129,7 +130,26 @@ def planned_backend(conv: nn.Conv2d, norm: nn.Module, x: Tensor, residual: Optio
         plan = _plans.get(key)
         if plan is None:
             plan = _plans[key] = _read_plan_file(_plan_path(key), key)
+            _changed()
     return plan.get(layer_key(conv, x, residual, relu))
+
+
+def _changed() -> None:
+    global _generation
+    _generation += 1
+
+
+def state() -> tuple:
+    """What planned_backend's answers rest on besides the layer: the plans
+    loaded or installed in this process (a counter of their changes) and
+    the plan directory's setting. A record of the layers' choices
+    (cpu_replay) is good while this stays the same."""
+    return _generation, os.environ.get("RESNET_FAST_CACHE_DIR")
+
+
+def recording_active() -> bool:
+    """Whether a recording() block is collecting the layers' lookups."""
+    return _recording is not None
 
 
 _dirs_seen: Dict[Optional[str], bool] = {}  # $RESNET_FAST_CACHE_DIR (None: unset) -> whether the directory exists
@@ -151,12 +171,14 @@ def clear_loaded_plans() -> None:
     with _lock:
         _plans.clear()
         _dirs_seen.clear()
+        _changed()
 
 
 def install(key: str, layers: Dict[str, str]) -> None:
     """Merge layers into this process's plan for key (and save nothing)."""
     with _lock:
         _plans[key] = {**_plans.get(key, {}), **layers}
+        _changed()
 
 
 @contextlib.contextmanager

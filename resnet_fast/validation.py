@@ -103,6 +103,35 @@ def conv_output_shape(x_shape, w_shape, stride, padding, dilation, prefix: str =
     return (x_shape[0], w_shape[0], sizes[0], sizes[1])
 
 
+def pooled_size(size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool) -> int:
+    """Output size of max pooling along one dimension, as
+    torch.nn.functional.max_pool2d counts it: with ceil_mode, a last window
+    that would start in the right padding is dropped."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    out = (span + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
+def check_pool_args(x_shape, kernel_size, stride, padding, dilation, ceil_mode,
+                    prefix: str = PREFIX) -> Tuple[int, int]:
+    """The window of a max pooling (pairs of ints) against an input of
+    x_shape; returns the output's spatial size."""
+    for name, pair, minimum in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0),
+                                ("dilation", dilation, 1)):
+        if min(pair) < minimum:
+            raise ValueError(f"{prefix} {name} must be at least {minimum}, got {tuple(pair)}")
+    if any(2 * p > k for p, k in zip(padding, kernel_size)):
+        raise ValueError(f"{prefix} padding {tuple(padding)} must be at most half the kernel size {tuple(kernel_size)}")
+    out = tuple(pooled_size(x_shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d], ceil_mode)
+                for d in range(2))
+    if min(out) < 1:
+        raise ValueError(f"{prefix} input of spatial size {tuple(x_shape[2:])} is smaller than the (dilated) "
+                         f"window {tuple(kernel_size)} with padding {tuple(padding)}")
+    return out
+
+
 def check_conv_args(x, weight, bias, residual, stride, padding, dilation, groups,
                     prefix: str = PREFIX, empty_batch_ok: bool = False) -> Tuple[int, int, int, int]:
     """Every argument of conv_bias_act; returns the output shape."""

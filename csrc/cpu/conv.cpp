@@ -58,12 +58,22 @@ thread_local bool known_finite_activations = false;
 // one thread, without aten's sum and its dispatch and scalar round trip.
 constexpr int64_t kDirectScanLimit = 1 << 14;
 
+template <typename scalar_t>
+bool finite_scan(const at::Tensor& t) {
+  const scalar_t* p = t.const_data_ptr<scalar_t>();
+  float sum = 0.f;  // NaN and Inf survive a sum, as in the aten route
+  for (int64_t i = 0; i < t.numel(); ++i) sum += static_cast<float>(p[i]) * 0.f;
+  return sum == 0.f;
+}
+
 bool finite(const at::Tensor& t) {
-  if (t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() <= kDirectScanLimit) {
-    const float* p = t.data_ptr<float>();
-    float sum = 0.f;  // NaN and Inf survive a sum, as in the aten route
-    for (int64_t i = 0; i < t.numel(); ++i) sum += p[i] * 0.f;
-    return sum == 0.f;
+  if (t.device().is_cpu() && t.is_contiguous() && t.numel() <= kDirectScanLimit) {
+    switch (t.scalar_type()) {
+      case at::kFloat: return finite_scan<float>(t);
+      case at::kBFloat16: return finite_scan<at::BFloat16>(t);
+      case at::kHalf: return finite_scan<at::Half>(t);
+      default: break;
+    }
   }
   return std::isfinite(t.sum(at::kFloat).item<float>());
 }

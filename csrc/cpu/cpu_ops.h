@@ -82,6 +82,11 @@ at::Tensor conv3x3_winograd_bias_act(const at::Tensor& x, const at::Tensor& weig
 void conv3x3_winograd_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& weight_winograd, const at::Tensor& bias, bool relu);
 
+// Max pooling of activations for inference (pool.cpp): NHWC, no indices,
+// output size as torch.nn.functional.max_pool2d's.
+at::Tensor max_pool2d_nhwc(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
+
 // NaN-propagating ReLU (NaN < 0 is false, so NaN passes through, as torch.relu).
 inline float act(float v, bool relu) { return (relu && v < 0.f) ? 0.f : v; }
 

@@ -12,6 +12,7 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("winograd_weight", &resnet_fast::cpu::winograd_weight);
   m.impl("conv3x3_winograd_bias_act", &resnet_fast::cpu::conv3x3_winograd_bias_act);
   m.impl("conv3x3_winograd_bias_act_", &resnet_fast::cpu::conv3x3_winograd_bias_act_);
+  m.impl("max_pool2d_nhwc", &resnet_fast::cpu::max_pool2d_nhwc);
 }
 
 // A weight prepacked into oneDNN's blocked layout (a MkldnnCPU tensor) makes

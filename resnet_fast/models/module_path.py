@@ -146,19 +146,27 @@ def known_network(network: nn.Module, block_types) -> bool:
     norms, ReLU, pooling. Then the network may call its blocks' forward
     directly, let them write into tensors only they hold, and scan its input
     alone for NaN/Inf (resnet_fast/finite.py)."""
+    return known_modules(network, block_types) is not None
+
+
+def known_modules(network: nn.Module, block_types) -> Optional[List[nn.Module]]:
+    """The modules below network, in a fixed order, where known_network
+    holds; else None."""
     if _global_hooks():
-        return False
+        return None
     # network's own hooks see only its input and output. A plain walk over
     # _modules: this runs on every forward, and named_modules() is slower.
+    found = []
     pending = list(network._modules.values())
     while pending:
         m = pending.pop()
         if m is None:
             continue
         if _has_hooks(m) or not (type(m) in _KNOWN_MODULES or isinstance(m, block_types) or is_frozen_bn(m)):
-            return False
+            return None
+        found.append(m)
         pending.extend(m._modules.values())
-    return True
+    return found
 
 
 def must_call_modules(owner: nn.Module, modules: Iterable[nn.Module]) -> bool:

@@ -126,8 +126,9 @@ def _restore(module: nn.Module, default_class: type) -> None:
     module.__class__ = module.__dict__.pop(_ORIGINAL_CLASS, default_class)
     for name in ("backend", "_backend"):
         module.__dict__.pop(name, None)
-    for m in module.modules():  # folded-weight caches (plain attributes)
+    for m in module.modules():  # folded-weight caches and recorded forwards (plain attributes)
         m.__dict__.pop("_fold_caches", None)
+        m.__dict__.pop("_cpu_replays", None)
 
 
 def _unfuse_block(block: nn.Module) -> None:

@@ -7,12 +7,13 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from ..backends import BACKENDS
+from .. import cpu_replay, ops
+from ..backends import BACKENDS, native_loaded
 from ..finite import finite_activations
 from ..folding import fold_cache
 from ..layers import conv_norm_act
 from .features import NUM_STAGES, FeatureInfo, last_n_indices, normalize_indices, stage_info
-from .module_path import (block_parts, input_needs_modules, known_network, must_call_modules, trace_check_scope,
+from .module_path import (block_parts, input_needs_modules, known_modules, must_call_modules, trace_check_scope,
                           why_parts)
 
 # Where optimize() keeps the class a module had before it swapped it in: to_torchvision()
@@ -20,6 +21,10 @@ from .module_path import (block_parts, input_needs_modules, known_network, must_
 ORIGINAL_CLASS = "_class_before_resnet_fast"
 
 NormLayer = Callable[[int], nn.Module]
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def fused_conv_norm(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Optional[Tensor], relu: bool,
@@ -104,6 +109,7 @@ class _FusedBlock(nn.Module):
         network's entrance: only the block's own parts need a look."""
         if why_parts(self) is None:
             return self._forward_fused(x, x_disposable)
+        cpu_replay.unrecordable()
         return self._forward_eager(x, x_disposable)
 
     @torch.jit.unused
@@ -150,6 +156,7 @@ class _FusedBlock(nn.Module):
             return x, x_disposable
         if isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d):
             return fused_conv_norm(ds[0], ds[1], x, None, False, self.backend), True
+        cpu_replay.unrecordable()
         return ds(x), False  # a custom shortcut: run it as it is (its output may be x itself)
 
 
@@ -429,16 +436,20 @@ class ResNet(nn.Module):
     def _stem_act(self, x: Tensor) -> Tensor:
         if input_needs_modules(x) or must_call_modules(self, (self.conv1, self.bn1, self.relu)):
             # torchvision's stem, on the input as given (the blocks take any layout)
+            cpu_replay.unrecordable()
             return self.relu(self.bn1(self.conv1(x)))
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = cpu_replay.call(_channels_last, x)
         return fused_conv_norm(self.conv1, self.bn1, x, None, True, self.backend)
 
     def _run_stages(self, x: Tensor, indices: Tuple[int, ...], last: int) -> Tuple[Tensor, List[Tensor]]:
         """Run stages 0..last; (output of stage `last`, outputs of `indices`)."""
-        if torch.compiler.is_compiling() or input_needs_modules(x) or not known_network(self, _FusedBlock):
+        modules = None if torch.compiler.is_compiling() or input_needs_modules(x) else known_modules(self, _FusedBlock)
+        if modules is None:
             return self._stages(x, indices, last, plain=False)
         with finite_activations(x):  # one scan for NaN/Inf instead of one per layer
-            return self._stages(x, indices, last, plain=True)
+            # Replayed from a recording of an earlier call where one applies (cpu_replay).
+            return cpu_replay.forward(self, x, (indices, last), modules,
+                                      lambda: self._stages(x, indices, last, plain=True))
 
     def _stages(self, x: Tensor, indices: Tuple[int, ...], last: int, plain: bool) -> Tuple[Tensor, List[Tensor]]:
         """_run_stages's work. plain: no hooks and only known modules below
@@ -447,7 +458,7 @@ class ResNet(nn.Module):
         x = self._stem_act(x)
         features = [x] if 0 in indices else []
         if last > 0:
-            x = self.maxpool(x)
+            x = cpu_replay.call(self._maxpool_plain, x) if plain else self.maxpool(x)
         for i in range(1, last + 1):
             stage = getattr(self, f"layer{i}")
             if plain and isinstance(stage, nn.Sequential):
@@ -458,13 +469,24 @@ class ResNet(nn.Module):
                 features.append(x)
         return x, features
 
+    def _maxpool_plain(self, x: Tensor) -> Tensor:
+        """self.maxpool(x) in a network without hooks: a plain nn.MaxPool2d
+        over CPU activations that need no gradient by ops.max_pool2d_nhwc
+        (no indices)."""
+        pool = self.maxpool
+        if (type(pool) is nn.MaxPool2d and not pool.return_indices and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16) and not (x.requires_grad and torch.is_grad_enabled())
+                and native_loaded()):
+            return ops.max_pool2d_nhwc(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode)
+        return pool(x)
+
     @staticmethod
     def _plain_stage(stage: nn.Sequential, x: Tensor, x_disposable: bool) -> Tensor:
         for block in stage:
             if isinstance(block, _FusedBlock):
                 x, x_disposable = block._forward_plain(x, x_disposable), True
             else:  # a known module of another kind: its output may be its input
-                x, x_disposable = block(x), False
+                x, x_disposable = cpu_replay.call(block, x), False
         return x
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -1,0 +1,114 @@
+"""ops.max_pool2d_nhwc, the CPU inference max pooling without indices,
+against torch.nn.functional.max_pool2d (its reference): every dtype, awkward
+shapes and windows, NaN and Inf, layouts; and the ResNet stem that uses it."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import resnet_fast
+from resnet_fast import ops
+from resnet_fast.testing import randomize_batchnorm_
+
+from conftest import assert_rel, channels_last, kernel_backends
+
+pytestmark = pytest.mark.skipif("native" not in kernel_backends(), reason="the native extension is not built")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (input shape, kernel_size, stride, padding, dilation, ceil_mode)
+WINDOWS = {
+    "resnet_stem": ((2, 64, 112, 112), 3, 2, 1, 1, False),
+    "odd_sizes": ((3, 5, 17, 23), 3, 2, 1, 1, False),
+    "batch1_c3": ((1, 3, 9, 7), 3, 2, 1, 1, False),
+    "one_channel": ((2, 1, 10, 11), 2, 2, 0, 1, False),
+    "wide_channels": ((1, 2051, 5, 6), 3, 1, 1, 1, False),  # past any vector width, with a tail
+    "ceil_mode": ((2, 8, 10, 13), 3, 2, 1, 1, True),
+    "ceil_mode_last_window_dropped": ((1, 4, 6, 6), 2, 3, 1, 1, True),
+    "dilated": ((2, 6, 15, 14), 3, 2, 1, 2, False),
+    "rectangular": ((2, 7, 12, 9), (3, 2), (1, 2), (1, 0), (1, 1), False),
+    "no_stride_given": ((2, 4, 8, 8), 2, None, 0, 1, False),
+    "window_is_the_input": ((2, 4, 7, 7), 7, 1, 0, 1, False),
+}
+
+
+def _pool_args(window):
+    _, kernel, stride, padding, dilation, ceil_mode = window
+    return dict(kernel_size=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil_mode)
+
+
+@pytest.mark.parametrize("name", sorted(WINDOWS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+def test_max_pool2d_nhwc_matches_max_pool2d(name, dtype, layout):
+    shape = WINDOWS[name][0]
+    if layout == "sliced":
+        x = torch.randn(*shape[:3], 2 * shape[3], dtype=dtype)[..., 1::2]
+    else:
+        x = torch.randn(shape, dtype=dtype)
+        x = channels_last(x) if layout == "channels_last" else x
+    kept = x.clone()
+    args = _pool_args(WINDOWS[name])
+    expected = F.max_pool2d(x, **args)
+    with torch.no_grad():
+        out = ops.max_pool2d_nhwc(x, **args)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, expected)  # a maximum is exact
+    assert torch.equal(x, kept)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_and_inf_come_out_as_max_pool2d_gives_them(dtype):
+    x = torch.randn(2, 9, 13, 12, dtype=dtype)
+    flat = x.view(-1)
+    picks = torch.randperm(flat.numel())[:30]
+    flat[picks[:10]] = float("nan")
+    flat[picks[10:20]] = float("inf")
+    flat[picks[20:]] = float("-inf")
+    x[1, 3] = float("-inf")  # a channel with nothing but -inf
+    args = _pool_args(WINDOWS["odd_sizes"])
+    expected = F.max_pool2d(x, **args)
+    out = ops.max_pool2d_nhwc(channels_last(x), **args)
+    assert expected.isnan().any() and expected.isposinf().any() and expected.isneginf().any()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_an_empty_batch_gives_an_empty_result():
+    x = torch.randn(0, 4, 9, 9)
+    out = ops.max_pool2d_nhwc(x, 3, 2, 1)
+    assert out.shape == (0, 4, 5, 5)
+
+
+def test_opcheck_max_pool2d_nhwc():
+    """Schema and fake kernel agree with the kernel (ceil_mode included)."""
+    for name in ("odd_sizes", "ceil_mode_last_window_dropped", "rectangular"):
+        shape, kernel, stride, padding, dilation, ceil_mode = WINDOWS[name]
+        pair = lambda v: [v, v] if isinstance(v, int) else list(v)  # noqa: E731
+        torch.library.opcheck(torch.ops.resnet_fast.max_pool2d_nhwc.default,
+                              (torch.randn(shape), pair(kernel), pair(stride), pair(padding), pair(dilation),
+                               ceil_mode))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_stem_pools_without_indices_and_as_torchvision_does(dtype, monkeypatch):
+    torch.manual_seed(0)
+    tv = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).eval().to(dtype)
+    ours = resnet_fast.from_torchvision(tv).eval()
+    calls = []
+    real = ops.max_pool2d_nhwc
+    monkeypatch.setattr(ops, "max_pool2d_nhwc", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = channels_last(torch.randn(2, 3, 45, 39, dtype=dtype))
+    with torch.inference_mode():
+        out = ours(x)
+        stem = ours.forward_intermediates(x, indices=[0, 1])[1]
+        expected_stem = [tv.relu(tv.bn1(tv.conv1(x)))]
+        expected_stem.append(tv.layer1(tv.maxpool(expected_stem[0])))
+    assert len(calls) == 2
+    if dtype == torch.float32:
+        assert_rel(out, tv(x), dtype)
+        for got, expected in zip(stem, expected_stem):
+            assert_rel(got, expected, dtype)
+    # In training the module runs, for its gradient.
+    ours.train()
+    ours(x.float().to(dtype)).float().sum().backward()
+    assert len(calls) == 2 and ours.conv1.weight.grad is not None
