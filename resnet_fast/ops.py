@@ -266,8 +266,12 @@ def winograd_weight(weight: Tensor) -> Optional[Tensor]:
 
 # Winograd needs this many 4x4 output tiles per thread: with fewer, reading
 # its transformed weight (4x the weight) costs more than the multiplications
-# it saves (measured on a 2-core AVX2 CPU: a 256-channel 14x14 layer at
-# batch 1, 16 tiles, ran at 0.6x oneDNN; 49 tiles of 128 channels at 1.7x).
+# it saves. Measured on a 2-core AVX2 CPU: a 256-channel 14x14 layer at
+# batch 1, 16 tiles, ran at 0.6x oneDNN; 49 tiles of 128 channels at 1.7x.
+# On a 2-core AVX-512 Xeon the same 16 tiles ran at 1.2x oneDNN on their
+# own, yet a ResNet-18 and a ResNet-50 at batch 1 were 5-10% slower with
+# them on Winograd (8 tiles a thread): inside a network the transformed
+# weight no longer stays in cache.
 WINOGRAD_MIN_TILES_PER_THREAD = 16
 
 
