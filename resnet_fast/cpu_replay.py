@@ -95,11 +95,17 @@ def note_step(step, cache, entry, conv: nn.Module, norm: nn.Module, x: Tensor, r
 
 
 def call(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """module(x), recorded when a recording is on."""
-    out = module(x)
+    """module(x), recorded (as one call, whatever it runs inside) when a
+    recording is on."""
     recorder = getattr(_local, "recorder", None)
-    if recorder is not None:
-        recorder.add(_ignoring_residual(module), x, None, out)
+    if recorder is None:
+        return module(x)
+    _local.recorder = None  # what module runs is replayed by calling it again
+    try:
+        out = module(x)
+    finally:
+        _local.recorder = recorder
+    recorder.add(_ignoring_residual(module), x, None, out)
     return out
 
 
@@ -187,7 +193,8 @@ def _key(x: Tensor, selection: tuple) -> tuple:
     the input's dtype, shape and layout, which outputs are wanted, the thread
     count and the settings the layers read."""
     return (x.dtype, x.shape, x.is_contiguous(), x.is_contiguous(memory_format=torch.channels_last), selection,
-            torch.get_num_threads(), os.environ.get("RESNET_FAST_CPU_WINOGRAD"), plans.state())
+            torch.get_num_threads(), os.environ.get("RESNET_FAST_CPU_WINOGRAD"),
+            os.environ.get("RESNET_FAST_CPU_HALF_IN_FLOAT32"), plans.state())
 
 
 def replayable(x: Tensor) -> bool:

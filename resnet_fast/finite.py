@@ -34,7 +34,7 @@ _VOUCHED_DTYPES = (torch.float32, torch.bfloat16)
 def finite_activations(x: Tensor) -> Iterator[None]:
     """Within this block, the CPU conv layers skip their own NaN/Inf scan
     when x is finite. For the forward of a network made only of modules
-    resnet_fast knows, without hooks (models.module_path.known_network)."""
+    resnet_fast knows, without hooks (models.module_path.known_modules)."""
     vouch = (
         native_loaded() and type(x) is Tensor and x.device.type == "cpu" and x.dtype in _VOUCHED_DTYPES
         # In x's own dtype: bfloat16 has float32's range (and aten sums it in

@@ -112,3 +112,56 @@ def test_the_stem_pools_without_indices_and_as_torchvision_does(dtype, monkeypat
     ours.train()
     ours(x.float().to(dtype)).float().sum().backward()
     assert len(calls) == 2 and ours.conv1.weight.grad is not None
+
+
+# ------------------------------------------------ the stem, a few images at a time
+
+def _stem_parts(monkeypatch, ours, images_per_part):
+    """Make the stem go images_per_part images at a time; count its parts."""
+    parts = []
+    real = ours._stem_act
+    monkeypatch.setattr(ours, "_stem_act", lambda x: parts.append(x.shape[0]) or real(x))
+    one_image = ours.conv1.out_channels * 16 * 16 * 4  # 32x32 float32 inputs: 16x16 stem outputs
+    monkeypatch.setattr(type(ours), "STEM_CHUNK_BYTES", images_per_part * one_image)
+    return parts
+
+
+@pytest.mark.parametrize("batch, images_per_part, expected_parts", [(5, 2, [2, 2, 1]), (6, 4, [3, 3]), (3, 3, [3])])
+def test_the_stem_in_parts_computes_what_torchvision_computes(batch, images_per_part, expected_parts, monkeypatch):
+    torch.manual_seed(0)
+    tv = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).eval()
+    ours = resnet_fast.from_torchvision(tv).eval()
+    parts = _stem_parts(monkeypatch, ours, images_per_part)
+    x = torch.randn(batch, 3, 32, 32)
+    x[1, 2, 7, 7] = float("nan")  # one image poisoned: the others stay exact, across the parts
+    with torch.inference_mode():
+        for layout in (x, channels_last(x)):
+            del parts[:]
+            out, expected = ours(layout), tv(layout)
+            assert parts == expected_parts
+            assert torch.equal(out.isnan(), expected.isnan()) and out[1].isnan().all()
+            keep = [i for i in range(batch) if i != 1]
+            assert_rel(out[keep], expected[keep], torch.float32)
+        for _ in range(2):  # replayed: the parts as one recorded call, a whole stem as its recorded step
+            del parts[:]
+            out = ours(channels_last(x))
+            assert parts == (expected_parts if len(expected_parts) > 1 else [])
+        assert_rel(out[keep], expected[keep], torch.float32)
+
+
+def test_the_stem_is_whole_where_its_output_is_wanted_or_in_training(monkeypatch):
+    torch.manual_seed(0)
+    tv = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).eval()
+    ours = resnet_fast.from_torchvision(tv).eval()
+    parts = _stem_parts(monkeypatch, ours, 1)
+    x = channels_last(torch.randn(3, 3, 32, 32))
+    with torch.inference_mode():
+        _, (stem, layer1) = ours.forward_intermediates(x, indices=[0, 1])
+        assert parts == [3]
+        assert_rel(stem, tv.relu(tv.bn1(tv.conv1(x))), torch.float32)
+    del parts[:]
+    ours.train()
+    tv.train()
+    out = ours(x)
+    assert parts == [3]  # batch statistics over the whole batch
+    assert_rel(out, tv(x), torch.float32, factor=10)

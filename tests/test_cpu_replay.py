@@ -233,6 +233,21 @@ def test_the_thread_count_is_part_of_the_kind_of_input():
     assert _replays(ours) == 2
 
 
+@pytest.mark.parametrize("setting", ["RESNET_FAST_CPU_WINOGRAD", "RESNET_FAST_CPU_HALF_IN_FLOAT32"])
+def test_the_settings_the_layers_read_are_part_of_the_kind_of_input(setting, monkeypatch, layer_calls):
+    tv, ours = _pair("resnet18")
+    x = channels_last(torch.randn(1, 3, 64, 64))
+    with torch.no_grad():
+        for value in ("0", "1"):
+            monkeypatch.setenv(setting, value)
+            for _ in range(3):
+                assert_rel(ours(x), tv(x))
+            del layer_calls[:]
+            ours(x)
+            assert layer_calls == []  # replayed
+    assert _replays(ours) == 2
+
+
 def test_nothing_is_recorded_with_gradients_or_autocast():
     tv, ours = _pair("resnet18")
     x = channels_last(torch.randn(2, 3, 32, 32))

@@ -138,20 +138,16 @@ _KNOWN_MODULES = (
 )
 
 
-def known_network(network: nn.Module, block_types) -> bool:
-    """No module hook anywhere (a global one, or one on a module below
-    network: it could change or keep what the next layer sees, or wait for
-    a gradient), and every module below network is one whose forward
-    resnet_fast knows: its residual blocks (block_types), convolutions,
-    norms, ReLU, pooling. Then the network may call its blocks' forward
-    directly, let them write into tensors only they hold, and scan its input
-    alone for NaN/Inf (resnet_fast/finite.py)."""
-    return known_modules(network, block_types) is not None
-
-
 def known_modules(network: nn.Module, block_types) -> Optional[List[nn.Module]]:
-    """The modules below network, in a fixed order, where known_network
-    holds; else None."""
+    """The modules below network, in a fixed order, where there is no module
+    hook anywhere (a global one, or one on a module below network: it could
+    change or keep what the next layer sees, or wait for a gradient) and
+    every module below network is one whose forward resnet_fast knows: its
+    residual blocks (block_types), convolutions, norms, ReLU, pooling; else
+    None. Then the network may call its blocks' forward directly, let them
+    write into tensors only they hold, scan its input alone for NaN/Inf
+    (resnet_fast/finite.py), and replay a recorded forward
+    (resnet_fast/cpu_replay.py) while the modules are the same ones."""
     if _global_hooks():
         return None
     # network's own hooks see only its input and output. A plain walk over
@@ -192,7 +188,7 @@ def why_modules(owner: nn.Module, modules: Iterable[nn.Module]) -> Optional[str]
 
 def why_parts(owner: nn.Module) -> Optional[str]:
     """why_modules without the hooks (for a block of a network that
-    known_network found without any): an activation that is no longer a
+    known_modules found without any): an activation that is no longer a
     plain nn.ReLU, or an optional part present."""
     for name in _ACTIVATIONS:
         act = owner._modules.get(name)

@@ -104,7 +104,7 @@ class _FusedBlock(nn.Module):
 
     @torch.jit.unused
     def _forward_plain(self, x: Tensor, x_disposable: bool) -> Tensor:
-        """_forward_eager for a block of a network that known_network passed
+        """_forward_eager for a block of a network that known_modules passed
         (no hooks anywhere), on an input that passed input_needs_modules at the
         network's entrance: only the block's own parts need a look."""
         if why_parts(self) is None:
@@ -453,12 +453,15 @@ class ResNet(nn.Module):
 
     def _stages(self, x: Tensor, indices: Tuple[int, ...], last: int, plain: bool) -> Tuple[Tensor, List[Tensor]]:
         """_run_stages's work. plain: no hooks and only known modules below
-        (module_path.known_network), so the blocks are called directly and each
+        (module_path.known_modules), so the blocks are called directly and each
         may write its output into an input that nothing else holds."""
-        x = self._stem_act(x)
-        features = [x] if 0 in indices else []
-        if last > 0:
-            x = cpu_replay.call(self._maxpool_plain, x) if plain else self.maxpool(x)
+        if plain and last > 0 and 0 not in indices and self._stem_images_per_chunk(x) < x.shape[0]:
+            x, features = cpu_replay.call(self._stem_pooled_in_chunks, x), []
+        else:
+            x = self._stem_act(x)
+            features = [x] if 0 in indices else []
+            if last > 0:
+                x = cpu_replay.call(self._maxpool_plain, x) if plain else self.maxpool(x)
         for i in range(1, last + 1):
             stage = getattr(self, f"layer{i}")
             if plain and isinstance(stage, nn.Sequential):
@@ -468,6 +471,44 @@ class ResNet(nn.Module):
             if i in indices:
                 features.append(x)
         return x, features
+
+    # The stem's output (64 channels at half the input's size: 51 MB for 16
+    # images of 224x224 in float32) is the network's largest activation. Past
+    # glibc's largest mmap threshold (32 MB) every call gets it as fresh pages
+    # from the kernel and faults on each of them (12,500 faults, some 10% of a
+    # resnet18 forward at batch 16). Pooled a few images at a time, it is
+    # never made whole, and each part is pooled while it is still in cache.
+    STEM_CHUNK_BYTES = 8 << 20
+
+    def _stem_images_per_chunk(self, x: Tensor) -> int:
+        """How many images the stem takes at a time on the way to the max
+        pooling (in inference on the CPU: x.shape[0], all of them, elsewhere)."""
+        conv, norm, pool = self.conv1, self.bn1, self.maxpool
+        if not (type(conv) is nn.Conv2d and type(pool) is nn.MaxPool2d and not pool.return_indices
+                and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
+                and not torch.is_grad_enabled() and native_loaded()
+                and not (isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)) and norm.training)):
+            return x.shape[0]
+        pixels = 1
+        for d in range(2):
+            extent = conv.dilation[d] * (conv.kernel_size[d] - 1) + 1
+            pixels *= max(1, (x.shape[2 + d] + 2 * conv.padding[d] - extent) // conv.stride[d] + 1)
+        return max(1, self.STEM_CHUNK_BYTES // (conv.out_channels * pixels * x.element_size()))
+
+    def _stem_pooled_in_chunks(self, x: Tensor) -> Tensor:
+        """self.maxpool(stem(x)), the stem run on a few images at a time
+        (_stem_images_per_chunk), in parts of equal size."""
+        batch = x.shape[0]
+        parts = -(-batch // self._stem_images_per_chunk(x))
+        size = -(-batch // parts)
+        out = None
+        for start in range(0, batch, size):
+            pooled = self._maxpool_plain(self._stem_act(x[start:start + size]))
+            if out is None:
+                out = torch.empty((batch, *pooled.shape[1:]), dtype=pooled.dtype, device=pooled.device,
+                                  memory_format=torch.channels_last)
+            out[start:start + size] = pooled
+        return out
 
     def _maxpool_plain(self, x: Tensor) -> Tensor:
         """self.maxpool(x) in a network without hooks: a plain nn.MaxPool2d
