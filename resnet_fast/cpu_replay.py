@@ -208,12 +208,15 @@ def replayable(x: Tensor) -> bool:
     )
 
 
-def forward(network: nn.Module, x: Tensor, selection: tuple, modules: List[nn.Module],
+def forward(network: nn.Module, x: Tensor, selection: tuple, modules: List[nn.Module], block_types: tuple,
             run: Callable[[], Tuple[Tensor, List[Tensor]]]) -> Tuple[Tensor, List[Tensor]]:
     """run() (a forward returning (output, [features])) for network's input
     x, replayed from its recording for x's kind of input where one is kept
     and still valid, recorded where none is. selection: which outputs run
-    returns; modules: the modules below network (known_modules)."""
+    returns; modules: the modules below network (known_modules);
+    block_types: the block classes whose forward the recording follows
+    (exactly: a subclass may compute more than its layers, which a
+    recording of the layers would miss)."""
     if not replayable(x) or getattr(_local, "recorder", None) is not None:
         return run()
     cache = network.__dict__.get("_cpu_replays")
@@ -235,8 +238,9 @@ def forward(network: nn.Module, x: Tensor, selection: tuple, modules: List[nn.Mo
     finally:
         _local.recorder = None
     outputs = [recorder.slot(t) for t in [out] + list(features)]
-    if not recorder.broken and recorder.layers == len(recorder.checks):
-        # The network and its blocks name the backend their layers use.
-        blocks = [m for m in [network] + modules if hasattr(type(m), "backend")]
+    # The network and its blocks name the backend their layers use.
+    blocks = [m for m in [network] + modules if hasattr(type(m), "backend")]
+    if (not recorder.broken and recorder.layers == len(recorder.checks)
+            and all(type(m) in block_types for m in blocks[1:])):
         cache.put(key, _Program(recorder, outputs, modules, blocks))
     return out, features

@@ -248,6 +248,23 @@ def test_the_settings_the_layers_read_are_part_of_the_kind_of_input(setting, mon
     assert _replays(ours) == 2
 
 
+def test_a_block_subclass_is_not_recorded():
+    """A subclass may compute more than its layers (here, in place on the
+    block's output), which a recording of the layers would miss."""
+
+    class Halving(resnet_module.BasicBlock):
+        def _forward_fused(self, x, x_disposable=False):
+            return super()._forward_fused(x, x_disposable).mul_(0.5)
+
+    tv, ours = _pair("resnet18")
+    ours.layer2[1].__class__ = Halving
+    x = channels_last(torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        outs = [ours(x) for _ in range(3)]
+    assert _replays(ours) == 0
+    assert torch.equal(outs[0], outs[2])
+
+
 def test_nothing_is_recorded_with_gradients_or_autocast():
     tv, ours = _pair("resnet18")
     x = channels_last(torch.randn(2, 3, 32, 32))

@@ -448,7 +448,7 @@ class ResNet(nn.Module):
             return self._stages(x, indices, last, plain=False)
         with finite_activations(x):  # one scan for NaN/Inf instead of one per layer
             # Replayed from a recording of an earlier call where one applies (cpu_replay).
-            return cpu_replay.forward(self, x, (indices, last), modules,
+            return cpu_replay.forward(self, x, (indices, last), modules, (BasicBlock, Bottleneck),
                                       lambda: self._stages(x, indices, last, plain=True))
 
     def _stages(self, x: Tensor, indices: Tuple[int, ...], last: int, plain: bool) -> Tuple[Tensor, List[Tensor]]:
