@@ -7,6 +7,14 @@
 #include <algorithm>
 #include <vector>
 
+// Loops built as clones for AVX2 and for the baseline ISA, the one to run
+// picked when the library loads, so that the build itself needs no -mavx2.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define RESNET_FAST_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define RESNET_FAST_SIMD_CLONES
+#endif
+
 namespace resnet_fast::cpu {
 
 #include "../op_declarations.inc"

@@ -21,13 +21,7 @@ constexpr int64_t kOut = 4;     // output tile side
 constexpr int64_t kPoints = kIn * kIn;
 constexpr int64_t kLanes = 16;  // channels transformed together (vectorised)
 
-// The transforms are clones for AVX2 and for the baseline ISA, picked at load
-// time, so that the build itself needs no -mavx2.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RESNET_FAST_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define RESNET_FAST_SIMD_CLONES
-#endif
+// The transforms are RESNET_FAST_SIMD_CLONES (cpu_ops.h).
 
 // B^T applied along one axis of a tile: t(i, lane) from d(0..5, lane).
 template <typename In, typename Out>
