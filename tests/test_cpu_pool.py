@@ -165,3 +165,19 @@ def test_the_stem_is_whole_where_its_output_is_wanted_or_in_training(monkeypatch
     out = ours(x)
     assert parts == [3]  # batch statistics over the whole batch
     assert_rel(out, tv(x), torch.float32, factor=10)
+
+
+@pytest.mark.parametrize("conv1", [
+    lambda: torch.nn.Conv2d(3, 64, 3, padding="same", bias=False),  # a size the stem cannot count ahead
+    lambda: torch.nn.Conv2d(3, 64, 5, stride=2, padding=1, dilation=2, bias=False),
+])
+def test_a_replaced_stem_conv_still_goes_in_parts_or_whole(conv1, monkeypatch):
+    torch.manual_seed(0)
+    tv = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).eval()
+    tv.conv1 = conv1()
+    ours = resnet_fast.from_torchvision(tv).eval()
+    monkeypatch.setattr(type(ours), "STEM_CHUNK_BYTES", 1)  # one image at a time where the stem can go in parts
+    x = channels_last(torch.randn(3, 3, 29, 31))
+    with torch.inference_mode():
+        for _ in range(3):
+            assert_rel(ours(x), tv(x), torch.float32)

@@ -12,6 +12,7 @@ from ..backends import BACKENDS, native_loaded
 from ..finite import finite_activations
 from ..folding import fold_cache
 from ..layers import conv_norm_act
+from ..validation import conv_output_shape
 from .features import NUM_STAGES, FeatureInfo, last_n_indices, normalize_indices, stage_info
 from .module_path import (block_parts, input_needs_modules, known_modules, must_call_modules, trace_check_scope,
                           why_parts)
@@ -484,16 +485,17 @@ class ResNet(nn.Module):
         """How many images the stem takes at a time on the way to the max
         pooling (in inference on the CPU: x.shape[0], all of them, elsewhere)."""
         conv, norm, pool = self.conv1, self.bn1, self.maxpool
-        if not (type(conv) is nn.Conv2d and type(pool) is nn.MaxPool2d and not pool.return_indices
-                and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
-                and not torch.is_grad_enabled() and native_loaded()
+        if not (type(conv) is nn.Conv2d and not isinstance(conv.padding, str) and type(pool) is nn.MaxPool2d
+                and not pool.return_indices and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and x.dim() == 4 and not torch.is_grad_enabled() and native_loaded()
                 and not (isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)) and norm.training)):
             return x.shape[0]
-        pixels = 1
-        for d in range(2):
-            extent = conv.dilation[d] * (conv.kernel_size[d] - 1) + 1
-            pixels *= max(1, (x.shape[2 + d] + 2 * conv.padding[d] - extent) // conv.stride[d] + 1)
-        return max(1, self.STEM_CHUNK_BYTES // (conv.out_channels * pixels * x.element_size()))
+        try:
+            _, channels, height, width = conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding,
+                                                           conv.dilation)
+        except ValueError:  # too small for conv1: the whole batch, which raises as it would without parts
+            return x.shape[0]
+        return max(1, self.STEM_CHUNK_BYTES // (channels * height * width * x.element_size()))
 
     def _stem_pooled_in_chunks(self, x: Tensor) -> Tensor:
         """self.maxpool(stem(x)), the stem run on a few images at a time
