@@ -13,7 +13,7 @@ the input, the residual and the settings), and a later call with the same
 signature checks only that the weights are unchanged before calling the
 operator itself.
 """
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +51,13 @@ class CpuStep:
 
     def __call__(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         return self._checked(*self._args(x, residual))
+
+    def compiled_operator(self) -> Optional[Callable]:
+        """The compiled operator run_trusted calls, without the Python layer
+        of torch.ops (for cpu_replay, which calls it with _args inside one
+        _AutoDispatchBelowAutograd for a whole forward); None for a step that
+        calls the checked op."""
+        return None if self._operator is None else getattr(self._operator, "_op", self._operator)
 
     def run_trusted(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         if self._operator is None:

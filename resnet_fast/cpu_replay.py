@@ -22,12 +22,13 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import plans
+from .folding import HeldSources
 
 _local = threading.local()
 
@@ -40,7 +41,7 @@ class _Recorder:
     def __init__(self, x: Tensor):
         self.slots = {id(x): (weakref.ref(x), 0)}
         self.count = 1
-        self.calls: List[Tuple[Callable, int, Optional[int], int]] = []
+        self.calls: List[Tuple[Any, int, Optional[int], int]] = []  # (CpuStep or module, x, residual, result)
         self.checks: List[tuple] = []
         self.layers = 0  # fused layers begun (layer_begins), each to be a recorded step
         self.broken = False
@@ -60,9 +61,9 @@ class _Recorder:
         self.count += 1
         return self.count - 1
 
-    def add(self, run: Callable, x: Tensor, residual: Optional[Tensor], out: Tensor) -> None:
+    def add(self, call: Any, x: Tensor, residual: Optional[Tensor], out: Tensor) -> None:
         inputs = (self.slot(x), None if residual is None else self.slot(residual))
-        self.calls.append((run, inputs[0], inputs[1], self.result(out)))
+        self.calls.append((call, inputs[0], inputs[1], self.result(out)))
 
 
 def layer_begins() -> None:
@@ -89,9 +90,8 @@ def note_step(step, cache, entry, conv: nn.Module, norm: nn.Module, x: Tensor, r
     what its validity rests on."""
     recorder = getattr(_local, "recorder", None)
     if recorder is not None:
-        recorder.add(step.run_trusted, x, residual, out)
-        # BatchNorm in training mode uses batch statistics; a frozen norm's flag changes nothing.
-        recorder.checks.append((cache, entry, conv, norm, isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))))
+        recorder.add(step, x, residual, out)
+        recorder.checks.append((cache, entry, conv, norm))
 
 
 def call(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -105,20 +105,33 @@ def call(module: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         out = module(x)
     finally:
         _local.recorder = recorder
-    recorder.add(_ignoring_residual(module), x, None, out)
+    recorder.add(module, x, None, out)
     return out
 
 
-def _ignoring_residual(module: Callable[[Tensor], Tensor]) -> Callable:
-    return lambda x, _residual: module(x)
+# How a program calls what was recorded: a step's compiled operator for a
+# result, or writing into the residual; a step that calls the checked op
+# (CpuStep.run_trusted); a module.
+_OPERATOR, _OPERATOR_INTO_RESIDUAL, _STEP, _MODULE = range(4)
+
+
+def _program_call(call: Any) -> Tuple[int, Callable, tuple, tuple]:
+    """(how, what to call, weights, trailing arguments) for a recorded call."""
+    operator = getattr(call, "compiled_operator", None)
+    if operator is None:  # a module
+        return _MODULE, call, (), ()
+    operator = operator()
+    if operator is None:
+        return _STEP, call.run_trusted, (), ()
+    return (_OPERATOR_INTO_RESIDUAL if call.into_residual else _OPERATOR), operator, call.weights, call.tail
 
 
 class _Program:
-    """A recorded forward: calls (run, input slot, residual slot, result
-    slot, slots to drop after it), the slots returned, and what it was
-    recorded on."""
+    """A recorded forward: calls (how, what to call, weights, trailing
+    arguments, input slot, residual slot, result slot, slots to drop after
+    it), the slots returned, and what it was recorded on."""
 
-    __slots__ = ("calls", "outputs", "modules", "blocks", "backends", "checks", "size")
+    __slots__ = ("calls", "outputs", "modules", "blocks", "backends", "norms", "sources", "size")
 
     def __init__(self, recorder: _Recorder, outputs: Sequence[int], modules: List[nn.Module],
                  blocks: List[nn.Module]):
@@ -131,29 +144,43 @@ class _Program:
         for s, i in last_use.items():
             if s not in outputs:
                 drop[i].append(s)  # what a plain forward would have let go of by then
-        self.calls = tuple((run, a, b, out, tuple(d)) for (run, a, b, out), d in zip(recorder.calls, drop))
+        self.calls = tuple(_program_call(call) + (a, b, out, tuple(d))
+                           for (call, a, b, out), d in zip(recorder.calls, drop))
         self.outputs, self.size = tuple(outputs), recorder.count
         self.modules, self.blocks = modules, blocks
         self.backends = [block.backend for block in blocks]
-        self.checks = tuple(recorder.checks)
+        # BatchNorm in training mode uses batch statistics; a frozen norm's flag changes nothing.
+        self.norms = tuple(norm for *_, norm in recorder.checks
+                           if isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)))
+        self.sources = HeldSources(recorder.checks)
 
     def still_valid(self, modules: List[nn.Module]) -> bool:
         if modules != self.modules:  # by identity: nn.Module has no __eq__
             return False
         if [block.backend for block in self.blocks] != self.backends:
             return False
-        for cache, entry, conv, norm, watch_training in self.checks:
-            if (watch_training and norm.training) or not cache.holds(entry, conv, norm):
-                return False
-        return True
+        if any(norm.training for norm in self.norms):
+            return False
+        return self.sources.unchanged()
 
     def run(self, x: Tensor) -> List[Tensor]:
         values: List[Optional[Tensor]] = [None] * self.size
         values[0] = x
-        for run, a, b, out, drop in self.calls:
-            values[out] = run(values[a], None if b is None else values[b])
-            for s in drop:
-                values[s] = None
+        # No input needs a gradient (replayable): one guard for the whole
+        # forward instead of one per layer (CpuStep.run_trusted).
+        with torch._C._AutoDispatchBelowAutograd():
+            for how, run, weights, tail, a, b, out, drop in self.calls:
+                if how == _OPERATOR:
+                    values[out] = run(values[a], *weights, None if b is None else values[b], *tail)
+                elif how == _OPERATOR_INTO_RESIDUAL:
+                    run(values[b], values[a], *weights, *tail)
+                    values[out] = values[b]
+                elif how == _STEP:
+                    values[out] = run(values[a], None if b is None else values[b])
+                else:
+                    values[out] = run(values[a])
+                for s in drop:
+                    values[s] = None
         return [values[s] for s in self.outputs]
 
 

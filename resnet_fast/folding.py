@@ -3,10 +3,12 @@ forwards (FoldCache): folded once, prepacked for oneDNN per input shape,
 transformed for the Winograd convolution or laid out for the Triton GEMM,
 and kept with the CPU inference steps decided for them
 (resnet_fast.cpu_inference); dropped when a source tensor changes."""
+import itertools
+import operator
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -254,6 +256,74 @@ def _sources_unchanged(entry: tuple, conv: nn.Module, norm: nn.Module) -> bool:
         if t is not kept or (mark is not None and (t._version != mark[0] or t.data_ptr() != mark[1])):
             return False
     return True
+
+
+class HeldSources:
+    """FoldCache.holds(entry, conv, norm) for many layers at once (a
+    replayed forward checks every layer's entry on every call, cpu_replay):
+    each cache still on its entry, each norm's eps, each source still the
+    tensor its module's parameter or buffer table holds, with the version
+    counter and storage address it had. As a few loops that run in C (map)
+    over flat lists of all the layers' sources. A layer whose source is
+    found some other way (getattr) is checked by holds() itself."""
+
+    __slots__ = ("_caches", "_entries", "_norms", "_eps", "_tables", "_names", "_held", "_tensors", "_versions",
+                 "_addresses", "_others")
+
+    def __init__(self, layers: Iterable[Tuple[FoldCache, Any, nn.Module, nn.Module]]):
+        self._caches, self._entries, self._norms, self._eps = [], [], [], []
+        self._tables, self._names, self._held = [], [], []
+        self._tensors, self._versions, self._addresses = [], [], []
+        self._others = []
+        for cache, entry, conv, norm in layers:
+            held, marks, eps = entry[3]["sources"]
+            tables = _source_tables(conv, norm)
+            if tables is None:
+                self._others.append((cache, entry, conv, norm))
+                continue
+            self._caches.append(cache)
+            self._entries.append(entry)
+            self._norms.append(norm)
+            self._eps.append(eps)
+            for (table, name), kept, mark in zip(tables, held, marks):
+                self._tables.append(table)
+                self._names.append(name)
+                self._held.append(kept)
+                if mark is not None:
+                    self._tensors.append(kept)
+                    self._versions.append(mark[0])
+                    self._addresses.append(mark[1])
+
+    def unchanged(self) -> bool:
+        return (
+            all(map(operator.is_, map(_ENTRY, self._caches), self._entries))
+            and list(map(_EPS, self._norms)) == self._eps
+            and all(map(operator.is_, map(dict.get, self._tables, self._names, itertools.repeat(_MISSING)),
+                        self._held))
+            and list(map(_VERSION, self._tensors)) == self._versions
+            and list(map(Tensor.data_ptr, self._tensors)) == self._addresses
+            and all(cache.holds(entry, conv, norm) for cache, entry, conv, norm in self._others)
+        )
+
+
+_ENTRY, _EPS, _VERSION = operator.attrgetter("_entry"), operator.attrgetter("eps"), operator.attrgetter("_version")
+_MISSING = object()
+
+
+def _source_tables(conv: nn.Module, norm: nn.Module) -> Optional[List[Tuple[Dict[str, Any], str]]]:
+    """(table, name) where _fold_sources finds each source, in its order;
+    None where one is not in its module's parameter or buffer table."""
+    found = []
+    for module, names in zip((conv, norm), _FOLD_SOURCES):
+        parameters, buffers = module.__dict__["_parameters"], module.__dict__["_buffers"]
+        for name in names:
+            if name in parameters:
+                found.append((parameters, name))
+            elif name in buffers:
+                found.append((buffers, name))
+            else:
+                return None
+    return found
 
 
 def fold_cache(owner: nn.Module, name: str) -> Optional[FoldCache]:

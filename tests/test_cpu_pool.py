@@ -29,6 +29,8 @@ WINDOWS = {
     "rectangular": ((2, 7, 12, 9), (3, 2), (1, 2), (1, 0), (1, 1), False),
     "no_stride_given": ((2, 4, 8, 8), 2, None, 0, 1, False),
     "window_is_the_input": ((2, 4, 7, 7), 7, 1, 0, 1, False),
+    "four_wide": ((1, 3, 8, 9), 4, 1, 2, 1, False),  # windows of 2, 3 and 4 pixels in a row
+    "five_wide_dilated": ((2, 5, 9, 16), (2, 5), 1, (1, 2), (1, 2), False),
 }
 
 

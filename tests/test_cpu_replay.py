@@ -175,9 +175,30 @@ def _change_the_eps(tv, ours):
         model.layer4[0].bn2.eps = 0.5
 
 
+def _give_a_conv_a_bias(tv, ours):
+    bias = torch.randn(128)
+    for model in (tv, ours):
+        model.layer2[1].conv1.bias = nn.Parameter(bias.clone())  # was None
+
+
+def _give_a_conv_a_plain_tensor_bias(tv, ours):
+    bias = torch.randn(128)
+    for model in (tv, ours):
+        conv = model.layer2[1].conv1
+        del conv.bias  # was a None parameter
+        conv.bias = bias.clone()  # now an attribute
+
+
+def _replace_a_parameter(tv, ours):
+    for model in (tv, ours):
+        norm = model.layer3[0].bn1
+        norm.weight = nn.Parameter(norm.weight.detach() * -1.5)
+
+
 @pytest.mark.parametrize("change", [
     _edit_weight_in_place, _edit_running_var, _edit_through_data, _replace_a_conv, _replace_a_block,
-    _batch_statistics_in_one_norm, _load_other_weights, _change_the_eps,
+    _batch_statistics_in_one_norm, _load_other_weights, _change_the_eps, _give_a_conv_a_bias,
+    _give_a_conv_a_plain_tensor_bias, _replace_a_parameter,
 ])
 def test_a_recording_gives_way_to_a_changed_model(change):
     tv, ours = _pair("resnet18")
@@ -187,6 +208,39 @@ def test_a_recording_gives_way_to_a_changed_model(change):
         assert _replays(ours) == 1
         change(tv, ours)
         for _ in range(3):  # the changed model, then its own recording and replay
+            assert_rel(ours(x), tv(x))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """A FrozenBatchNorm2d look-alike that keeps its tensors as plain
+    attributes, neither parameters nor buffers."""
+
+    def __init__(self, norm: nn.BatchNorm2d):
+        super().__init__()
+        self.weight, self.bias = norm.weight.detach().clone(), norm.bias.detach().clone()
+        self.running_mean, self.running_var = norm.running_mean.clone(), norm.running_var.clone()
+        self.eps = norm.eps
+
+    def forward(self, x):
+        return torch.nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                              False, 0.0, self.eps)
+
+
+def test_a_norm_with_plain_tensor_attributes_is_watched_too():
+    tv, ours = _pair("resnet18")
+    for model in (tv, ours):
+        model.layer2[0].bn2 = FrozenBatchNorm2d(tv.layer2[0].bn2)
+    x = channels_last(torch.randn(2, 3, 40, 36))
+    with torch.no_grad():
+        assert_rel(_warm(ours, x), tv(x))
+        assert _replays(ours) == 1
+        for model in (tv, ours):
+            model.layer2[0].bn2.running_var = model.layer2[0].bn2.running_var * 4.0  # a new tensor
+        for _ in range(3):
+            assert_rel(ours(x), tv(x))
+        for model in (tv, ours):
+            model.layer2[0].bn2.bias.add_(0.5)  # in place
+        for _ in range(3):
             assert_rel(ours(x), tv(x))
 
 

@@ -1,7 +1,12 @@
 // max_pool2d_nhwc: max pooling of channels_last activations for inference,
 // without the indices aten's CPU max_pool2d always computes (and writes, as
-// int64, twice the bytes of a float32 result): on a 2-core Xeon 1.3x faster
-// than aten's for float32 and bfloat16 (64 channels, 112x112, batch 8). NaN
+// int64, twice the bytes of a float32 result). Each output row takes the
+// vertical maxima of its window's input rows across the whole row width
+// first (long loops the compiler vectorises), then each output pixel's
+// horizontal max of those in registers: on a 2-core Xeon, for the ResNet
+// stem's 3x3 stride-2 window over 16 images of 64 channels at 112x112 in
+// bfloat16, 2.1-2.6 ms against aten's 5.5-6.5 ms, torch.compile's 2.1-2.4
+// ms, and 3.6-3.8 ms for a running maximum in memory, tap by tap. NaN
 // propagates as in aten: a window holding a NaN gives NaN.
 #include <c10/util/BFloat16.h>
 
@@ -15,43 +20,66 @@ namespace resnet_fast::cpu {
 
 namespace {
 
-// The running maximum of C channels, kept in float32, takes one more tap.
-// NaN wins (v != v) and then stays (no v is greater than NaN). A plain loop
-// over channels the compiler vectorises (RESNET_FAST_SIMD_CLONES).
-RESNET_FAST_SIMD_CLONES
-void take_max(float* acc, const float* tap, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) {
-    const float v = tap[c];
-    acc[c] = (v > acc[c] || v != v) ? v : acc[c];
-  }
-}
+// NaN wins (v != v) and then stays (no v is greater than NaN).
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+
+inline float widen(float v) { return v; }
 
 // bfloat16 is float32's upper half: widen by a shift, exactly.
-RESNET_FAST_SIMD_CLONES
-void take_max(float* acc, const c10::BFloat16* tap, int64_t C) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(tap);
-  for (int64_t c = 0; c < C; ++c) {
-    const uint32_t wide = static_cast<uint32_t>(bits[c]) << 16;
-    float v;
-    std::memcpy(&v, &wide, sizeof v);
-    acc[c] = (v > acc[c] || v != v) ? v : acc[c];
-  }
+inline float widen(c10::BFloat16 v) {
+  const uint32_t wide = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
 }
 
 // Every value came from a scalar_t, so narrowing it back is exact.
-template <typename scalar_t>
-void store(scalar_t* out, const float* acc, int64_t C) {
-  for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+inline void narrow(float v, float* out) { *out = v; }
+
+inline void narrow(float v, c10::BFloat16* out) {
+  uint32_t wide;
+  std::memcpy(&wide, &v, sizeof wide);
+  out->x = static_cast<uint16_t>(wide >> 16);
 }
 
-template <>
-void store(c10::BFloat16* out, const float* acc, int64_t C) {
-  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
-  for (int64_t c = 0; c < C; ++c) {
-    uint32_t wide;
-    std::memcpy(&wide, &acc[c], sizeof wide);
-    bits[c] = static_cast<uint16_t>(wide >> 16);
+// The vertical half of the window, for a whole input row at once (n values,
+// W * C): acc = row (first), acc = max(acc, row) (then). Long plain loops the
+// compiler vectorises (RESNET_FAST_SIMD_CLONES).
+template <typename scalar_t>
+RESNET_FAST_SIMD_CLONES void take_row(float* acc, const scalar_t* row, int64_t n, bool first) {
+  if (first) {
+    for (int64_t i = 0; i < n; ++i) acc[i] = widen(row[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc[i] = nan_max(acc[i], widen(row[i]));
   }
+}
+
+// The horizontal half: one output pixel's C channels, the max of K taps
+// (pixels of the vertical maxima), kept in registers and stored narrowed.
+template <int K, typename scalar_t>
+RESNET_FAST_SIMD_CLONES void store_max_of(scalar_t* out, const float* const* taps, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    float m = taps[0][c];
+    for (int k = 1; k < K; ++k) m = nan_max(m, taps[k][c]);
+    narrow(m, out + c);
+  }
+}
+
+// Any number of taps (windows wider than 3): three at a time into acc.
+template <typename scalar_t>
+void store_max(scalar_t* out, const float* const* taps, int count, int64_t C, float* acc) {
+  switch (count) {
+    case 1: store_max_of<1>(out, taps, C); return;
+    case 2: store_max_of<2>(out, taps, C); return;
+    case 3: store_max_of<3>(out, taps, C); return;
+    default: break;
+  }
+  store_max_of<3>(acc, taps, C);
+  for (int k = 3; k < count; k += 2) {
+    const float* group[3] = {acc, taps[k], taps[std::min(k + 1, count - 1)]};
+    store_max_of<3>(acc, group, C);
+  }
+  store_max_of<1>(out, &acc, C);
 }
 
 // Output size along one dimension, as torch.nn.functional.max_pool2d counts
@@ -64,6 +92,9 @@ int64_t pooled_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding,
   return out;
 }
 
+// Per output row: the vertical maxima of its window's input rows over the
+// whole row width, then each output pixel's horizontal max of those. A
+// window with no input pixel in it (possible with dilation) gives -inf.
 template <typename scalar_t>
 void max_pool_nhwc(const at::Tensor& x, at::Tensor& out, at::IntArrayRef kernel, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -72,21 +103,27 @@ void max_pool_nhwc(const at::Tensor& x, at::Tensor& out, at::IntArrayRef kernel,
   const scalar_t* in = x.const_data_ptr<scalar_t>();
   scalar_t* dst = out.mutable_data_ptr<scalar_t>();
   at::parallel_for(0, N * OH, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> acc(C);
-    for (int64_t row = first; row < last; ++row) {
-      const int64_t n = row / OH, oh = row % OH;
+    const float lowest = -std::numeric_limits<float>::infinity();
+    std::vector<float> rows(W * C), acc(C), empty(C, lowest);
+    std::vector<const float*> taps(kernel[1]);
+    for (int64_t r = first; r < last; ++r) {
+      const int64_t n = r / OH, oh = r % OH;
+      bool none_yet = true;
+      for (int64_t i = 0; i < kernel[0]; ++i) {
+        const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
+        if (ih < 0 || ih >= H) continue;
+        take_row(rows.data(), in + (n * H + ih) * W * C, W * C, none_yet);
+        none_yet = false;
+      }
+      if (none_yet) std::fill(rows.begin(), rows.end(), lowest);
       for (int64_t ow = 0; ow < OW; ++ow) {
-        std::fill(acc.begin(), acc.end(), -std::numeric_limits<float>::infinity());
-        for (int64_t i = 0; i < kernel[0]; ++i) {
-          const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
-          if (ih < 0 || ih >= H) continue;
-          for (int64_t j = 0; j < kernel[1]; ++j) {
-            const int64_t iw = ow * stride[1] - padding[1] + j * dilation[1];
-            if (iw < 0 || iw >= W) continue;
-            take_max(acc.data(), in + ((n * H + ih) * W + iw) * C, C);
-          }
+        int count = 0;
+        for (int64_t j = 0; j < kernel[1]; ++j) {
+          const int64_t iw = ow * stride[1] - padding[1] + j * dilation[1];
+          if (iw >= 0 && iw < W) taps[count++] = rows.data() + iw * C;
         }
-        store(dst + ((n * OH + oh) * OW + ow) * C, acc.data(), C);
+        if (count == 0) taps[count++] = empty.data();
+        store_max(dst + ((n * OH + oh) * OW + ow) * C, taps.data(), count, C, acc.data());
       }
     }
   });
