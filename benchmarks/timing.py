@@ -49,7 +49,14 @@ def compare(
 
     Every repetition runs each contender once, in turn, on the next item of
     `inputs` (rotated so that no contender is flattered by a warm cache), so
-    drift in machine load affects all of them alike. `grad` keeps autograd
+    drift in machine load affects all of them alike. On the CPU each timed
+    call comes right after an untimed one of the same contender on the same
+    input: glibc's allocator hands memory back to the system after a
+    contender that frees much of it (eager PyTorch), and whichever contender
+    ran next paid for taking it back (resnet50 in bfloat16 at batch 16: some
+    8,600 page faults a call, for resnet_fast or torch.compile alike,
+    whichever followed eager), so each is timed as its own calls leave the
+    allocator, as when a model serves call after call. `grad` keeps autograd
     on (training steps). The peak memory of each contender is recorded too:
     on a GPU the allocator's peak in its first run, on the CPU how far
     resident memory rises during its last warm-up run (cpu_peak_rise_mb).
@@ -68,6 +75,8 @@ def compare(
                     if rise is not None:
                         peak_mb[name] = rise
                     continue
+                if device.type == "cpu" and i >= warmup:
+                    fn(x)  # untimed: see the docstring
                 start = time.perf_counter()
                 fn(x)
                 _sync(device)
