@@ -65,7 +65,8 @@ RESNET_FAST_SIMD_CLONES void store_max_of(scalar_t* out, const float* const* tap
   }
 }
 
-// Any number of taps (windows wider than 3): three at a time into acc.
+// Any number of taps (windows wider than 3): the first three into acc, then
+// two more at a time.
 template <typename scalar_t>
 void store_max(scalar_t* out, const float* const* taps, int count, int64_t C, float* acc) {
   switch (count) {
