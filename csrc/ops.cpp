@@ -24,6 +24,32 @@ PyObject* set_activations_known_finite(PyObject*, PyObject* arg) {
   return PyBool_FromLong(previous);
 }
 
+// _C.enter_activation_memory() / _C.exit_activation_memory(): the CPU
+// forward between them runs on activation memory kept from the previous one
+// (csrc/cpu/activation_memory.cpp, resnet_fast/cpu_memory.py).
+PyObject* enter_activation_memory(PyObject*, PyObject*) {
+  resnet_fast::cpu::enter_activation_memory();
+  Py_RETURN_NONE;
+}
+
+PyObject* exit_activation_memory(PyObject*, PyObject*) {
+  if (!resnet_fast::cpu::exit_activation_memory()) {
+    PyErr_SetString(PyExc_RuntimeError, "resnet_fast: exit_activation_memory without enter_activation_memory");
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+// _C.release_activation_memory() -> int: frees the kept blocks, returns their bytes.
+PyObject* release_activation_memory(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(resnet_fast::cpu::release_activation_memory());
+}
+
+// _C.cached_activation_memory() -> int: the bytes of the blocks kept now.
+PyObject* cached_activation_memory(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(resnet_fast::cpu::cached_activation_memory());
+}
+
 using resnet_fast::CudaConvFamily;
 
 thread_local CudaConvFamily preferred_family = CudaConvFamily::kAuto;
@@ -77,6 +103,14 @@ PyMethodDef methods[] = {
     {"set_cuda_conv_family", set_cuda_conv_family, METH_O,
      "Prefer a CUDA convolution family for conv_bias_act on this thread ('cutlass_sm90', 'cutlass_sm80', "
      "'cudnn', 'cudnn_fused'; None: automatic); returns the previous preference."},
+    {"enter_activation_memory", enter_activation_memory, METH_NOARGS,
+     "Begin a CPU forward on activation memory kept from the previous one (pair with exit_activation_memory)."},
+    {"exit_activation_memory", exit_activation_memory, METH_NOARGS,
+     "End it: blocks no allocation took during the whole forward are freed."},
+    {"release_activation_memory", release_activation_memory, METH_NOARGS,
+     "Free the activation memory kept for the next CPU forward; returns its bytes."},
+    {"cached_activation_memory", cached_activation_memory, METH_NOARGS,
+     "The bytes of activation memory kept for the next CPU forward."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -123,6 +157,15 @@ TORCH_LIBRARY(resnet_fast, m) {
   m.def(
       "max_pool2d_nhwc(Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
       "bool ceil_mode) -> Tensor");
+  // The same written into out (a slice of a batch's result, say).
+  m.def(
+      "max_pool2d_nhwc_into(Tensor(a!) out, Tensor x, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode) -> ()");
+  // Whether x holds no NaN and no Inf (CPU).
+  m.def("all_finite(Tensor x) -> bool");
+  // The mean over H and W for CPU inference (no CUDA kernel, no autograd):
+  // [N, C], adaptive_avg_pool2d(x, 1) flattened.
+  m.def("global_avg_pool_nhwc(Tensor x) -> Tensor");
   // The fused epilogue alone: act(y + bias[c] + residual), NHWC output.
   m.def("bias_act(Tensor y, Tensor bias, Tensor? residual, bool relu) -> Tensor");
   // Backward of bias_act: grad_z = grad_out masked by out > 0 (empty when

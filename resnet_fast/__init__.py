@@ -10,6 +10,7 @@ ReLU kernels.
 """
 from . import ops, reference
 from .backends import BACKENDS, available_backends
+from .cpu_memory import empty_cpu_cache
 from .cuda_graph import cuda_graphed
 from .export import export_onnx, using_backend
 from .folding import clear_fold_caches
@@ -20,6 +21,6 @@ from .models import __all__ as _model_names
 
 __version__ = "0.1.0"
 __all__ = [
-    "ops", "reference", "BACKENDS", "available_backends", "clear_fold_caches", "SyncBatchNorm2d",
+    "ops", "reference", "BACKENDS", "available_backends", "clear_fold_caches", "empty_cpu_cache", "SyncBatchNorm2d",
     "convert_sync_batchnorm", "tune", "cuda_graphed", "export_onnx", "using_backend", *_model_names,
 ]

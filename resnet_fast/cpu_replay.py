@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import plans
+from .cpu_memory import reused_activation_memory
 from .folding import HeldSources
 
 _local = threading.local()
@@ -246,6 +247,13 @@ def forward(network: nn.Module, x: Tensor, selection: tuple, modules: List[nn.Mo
     recording of the layers would miss)."""
     if not replayable(x) or getattr(_local, "recorder", None) is not None:
         return run()
+    with reused_activation_memory():  # the activations' pages, kept from the previous call
+        return _replayed_or_recorded(network, x, selection, modules, block_types, run)
+
+
+def _replayed_or_recorded(network: nn.Module, x: Tensor, selection: tuple, modules: List[nn.Module],
+                          block_types: tuple, run: Callable[[], Tuple[Tensor, List[Tensor]]]
+                          ) -> Tuple[Tensor, List[Tensor]]:
     cache = network.__dict__.get("_cpu_replays")
     if cache is None:
         cache = network.__dict__.setdefault("_cpu_replays", ReplayCache())

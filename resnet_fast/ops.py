@@ -35,7 +35,7 @@ from .validation import (
 
 __all__ = ["conv_bias_act", "conv_bias_act_", "conv3x3_winograd_bias_act", "conv3x3_winograd_bias_act_",
            "cpu_compute_dtype", "cpu_conv_algorithm", "cpu_winograd_enabled", "cuda_conv_algorithm",
-           "cuda_conv_family", "bias_act", "bn_act_train", "fold_bn", "gemm_layout_weight", "max_pool2d_nhwc",
+           "cuda_conv_family", "bias_act", "bn_act_train", "fold_bn", "gemm_layout_weight", "global_avg_pool_nhwc", "max_pool2d_nhwc",
            "prepack_conv_weight", "winograd_weight"]
 
 IntOrPair = Union[int, Sequence[int]]
@@ -224,11 +224,17 @@ def max_pool2d_nhwc(
     padding: IntOrPair = 0,
     dilation: IntOrPair = 1,
     ceil_mode: bool = False,
+    *,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """torch.nn.functional.max_pool2d(x, ...) (stride None: kernel_size) for
     CPU inference (native extension; not differentiable): the same values,
     NaN where a window holds one, as a channels_last tensor, without the
-    indices aten's CPU kernel computes whether asked for or not."""
+    indices aten's CPU kernel computes whether asked for or not.
+
+    out: written instead of a new tensor and returned; the result's shape
+    and x's dtype, channels_last contiguous (a slice of a batch's result
+    along the batch, say), not overlapping x."""
     check_activation(x, "x", empty_batch_ok=True)
     kernel_size = _pair(kernel_size, "kernel_size")
     stride = kernel_size if stride is None else _pair(stride, "stride")
@@ -243,10 +249,51 @@ def max_pool2d_nhwc(
                            "torch.nn.functional.max_pool2d, or call it under torch.no_grad() / torch.inference_mode()")
     if not native_loaded():
         raise RuntimeError("resnet_fast: max_pool2d_nhwc needs the compiled extension, which did not load")
+    if out is not None:
+        _check_pool_out(out, x, kernel_size, stride, padding, dilation, ceil_mode)
+        if x.shape[0] > 0:
+            torch.ops.resnet_fast.max_pool2d_nhwc_into(out, x, kernel_size, stride, padding, dilation, ceil_mode)
+        return out
     if x.shape[0] == 0:
-        out = torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
-        return out.contiguous(memory_format=torch.channels_last)
+        pooled = torch.nn.functional.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+        return pooled.contiguous(memory_format=torch.channels_last)
     return torch.ops.resnet_fast.max_pool2d_nhwc(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+
+def global_avg_pool_nhwc(x: Tensor) -> Tensor:
+    """torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1) for CPU
+    inference (native extension; not differentiable): the mean over H and W,
+    [N, C] in x's dtype, accumulated in float32; NaN and Inf propagate as in
+    the mean."""
+    check_activation(x, "x", empty_batch_ok=True)
+    if x.device.type != "cpu":
+        raise ValueError(f"resnet_fast: global_avg_pool_nhwc runs on CPU tensors, got one on {x.device}; use "
+                         "torch.nn.functional.adaptive_avg_pool2d")
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("resnet_fast: global_avg_pool_nhwc is for inference and has no gradient; use "
+                           "torch.nn.functional.adaptive_avg_pool2d, or call it under torch.no_grad() / "
+                           "torch.inference_mode()")
+    if not native_loaded():
+        raise RuntimeError("resnet_fast: global_avg_pool_nhwc needs the compiled extension, which did not load")
+    if x.shape[0] == 0:
+        return x.new_empty((0, x.shape[1]))
+    return torch.ops.resnet_fast.global_avg_pool_nhwc(x)
+
+def _check_pool_out(out, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode) -> None:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"resnet_fast: max_pool2d_nhwc out must be a Tensor, got {type(out).__name__}")
+    shape = (x.shape[0], x.shape[1], *(pooled_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d],
+                                                   ceil_mode) for d in range(2)))
+    if tuple(out.shape) != shape:
+        raise ValueError(f"resnet_fast: max_pool2d_nhwc out must have the result's shape {shape}, got {tuple(out.shape)}")
+    if out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"resnet_fast: max_pool2d_nhwc out must be {x.dtype} on {x.device} like x, got {out.dtype} "
+                         f"on {out.device}")
+    if not out.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("resnet_fast: max_pool2d_nhwc out must be channels_last contiguous")
+    if torch.is_grad_enabled() and out.requires_grad:
+        raise RuntimeError("resnet_fast: max_pool2d_nhwc cannot write into a tensor that requires grad")
 
 
 def winograd_weight(weight: Tensor) -> Optional[Tensor]:
@@ -596,6 +643,14 @@ def _register_native() -> None:
         shape = [pooled_size(x.shape[2 + d], kernel_size[d], stride[d], padding[d], dilation[d], ceil_mode)
                  for d in range(2)]
         return _channels_last_like((x.shape[0], x.shape[1], *shape), x)
+
+    @torch.library.register_fake(lib + "max_pool2d_nhwc_into")
+    def _(out, x, kernel_size, stride, padding, dilation, ceil_mode):
+        return None
+
+    @torch.library.register_fake(lib + "global_avg_pool_nhwc")
+    def _(x):
+        return x.new_empty((x.shape[0], x.shape[1]))
 
     @torch.library.register_fake(lib + "bias_act")
     def _(y, bias, residual, relu):

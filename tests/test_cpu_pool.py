@@ -1,6 +1,8 @@
 """ops.max_pool2d_nhwc, the CPU inference max pooling without indices,
 against torch.nn.functional.max_pool2d (its reference): every dtype, awkward
-shapes and windows, NaN and Inf, layouts; and the ResNet stem that uses it."""
+shapes and windows, NaN and Inf, layouts, written into a given tensor; the
+ResNet stem that uses it; and ops.global_avg_pool_nhwc, the head's mean,
+against adaptive_avg_pool2d."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,116 @@ def test_opcheck_max_pool2d_nhwc():
         torch.library.opcheck(torch.ops.resnet_fast.max_pool2d_nhwc.default,
                               (torch.randn(shape), pair(kernel), pair(stride), pair(padding), pair(dilation),
                                ceil_mode))
+
+
+@pytest.mark.parametrize("name", ["resnet_stem", "odd_sizes", "ceil_mode", "rectangular", "wide_channels"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool2d_nhwc_writes_into_a_slice_of_a_batch(name, dtype):
+    shape = WINDOWS[name][0]
+    args = _pool_args(WINDOWS[name])
+    x = torch.randn(shape).to(dtype)
+    expected = F.max_pool2d(x, **args)
+    whole = torch.full((shape[0] + 2, *expected.shape[1:]), float("nan"), dtype=dtype).contiguous(
+        memory_format=torch.channels_last)  # poisoned: every element of the slice must be written
+    with torch.no_grad():
+        returned = ops.max_pool2d_nhwc(x, **args, out=whole[1:1 + shape[0]])
+    assert returned.data_ptr() == whole[1].data_ptr()
+    assert torch.equal(whole[1:1 + shape[0]], expected)
+    assert whole[0].isnan().all() and whole[-1].isnan().all()  # nothing outside it
+
+
+def test_max_pool2d_nhwc_refuses_an_out_it_cannot_write():
+    x = channels_last(torch.randn(2, 4, 9, 9))
+    good = channels_last(torch.empty(2, 4, 5, 5))
+    with torch.no_grad():
+        for bad, match in ((torch.empty(2, 4, 5, 5), "channels_last"), (channels_last(torch.empty(2, 4, 4, 4)), "shape"),
+                           (channels_last(torch.empty(2, 4, 5, 5, dtype=torch.float64)), "float32"),
+                           ([1.0], "Tensor")):
+            with pytest.raises((ValueError, TypeError), match=match):
+                ops.max_pool2d_nhwc(x, 3, 2, 1, out=bad)
+        with pytest.raises(RuntimeError, match="memory location|overlap"):
+            ops.max_pool2d_nhwc(good, 1, 1, 0, out=good)
+    assert ops.max_pool2d_nhwc(x[:0], 3, 2, 1, out=good[:0]).shape == (0, 4, 5, 5)
+
+
+def test_opcheck_max_pool2d_nhwc_into():
+    x = torch.randn(2, 3, 11, 10)
+    out = channels_last(torch.empty(2, 3, 6, 5))
+    torch.library.opcheck(torch.ops.resnet_fast.max_pool2d_nhwc_into.default,
+                          (out, x, [3, 3], [2, 2], [1, 1], [1, 1], False))
+
+
+# ------------------------------------------------ the global average of the head
+
+@pytest.mark.parametrize("shape", [(2, 2048, 7, 7), (1, 3, 5, 9), (3, 517, 1, 1), (1, 257, 4, 3), (4, 64, 13, 2)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+def test_global_avg_pool_nhwc_matches_adaptive_avg_pool2d(shape, dtype, layout):
+    x = torch.randn(shape) * 3 + 1
+    if layout == "channels_last":
+        x = channels_last(x)
+    elif layout == "sliced":
+        x = torch.randn(shape[0], shape[1] + 3, shape[2], shape[3])[:, 2:2 + shape[1]]
+    x = x.to(dtype)
+    expected = torch.flatten(F.adaptive_avg_pool2d(x.double(), 1), 1).to(dtype)
+    with torch.no_grad():
+        out = ops.global_avg_pool_nhwc(x)
+    assert out.dtype == dtype and out.shape == expected.shape
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def test_global_avg_pool_nhwc_keeps_nan_and_inf():
+    x = torch.randn(2, 5, 4, 4)
+    x[0, 1, 2, 3] = float("nan")
+    x[0, 2, 0, 0] = float("inf")
+    x[1, 3, 1, 1], x[1, 3, 2, 2] = float("inf"), float("-inf")
+    expected = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+    out = ops.global_avg_pool_nhwc(channels_last(x))
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    assert out[0, 1].isnan() and out[0, 2].isposinf() and out[1, 3].isnan()
+
+
+def test_global_avg_pool_nhwc_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match="empty"):
+        ops.global_avg_pool_nhwc(torch.randn(2, 3, 0, 4))
+    with pytest.raises(RuntimeError, match="no gradient"):
+        ops.global_avg_pool_nhwc(torch.randn(2, 3, 4, 4, requires_grad=True))
+    with pytest.raises(ValueError):
+        ops.global_avg_pool_nhwc(torch.randn(3, 4, 4))
+    assert ops.global_avg_pool_nhwc(torch.randn(0, 6, 3, 3)).shape == (0, 6)
+
+
+def test_opcheck_global_avg_pool_nhwc():
+    torch.library.opcheck(torch.ops.resnet_fast.global_avg_pool_nhwc.default, (channels_last(torch.randn(2, 7, 3, 5)),))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_head_averages_by_the_op_unless_something_must_see_the_pooling(dtype, monkeypatch):
+    torch.manual_seed(0)
+    tv = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).eval().to(dtype)
+    ours = resnet_fast.from_torchvision(tv).eval()
+    calls = []
+    real = ops.global_avg_pool_nhwc
+    monkeypatch.setattr(ops, "global_avg_pool_nhwc", lambda x: calls.append(1) or real(x))
+    x = channels_last(torch.randn(2, 3, 40, 36, dtype=dtype))
+    fc, wide_fc = ours.fc, torch.nn.Linear(1024, 10).to(dtype)
+    with torch.inference_mode():
+        expected = tv(x)
+        assert_rel(ours(x), expected, dtype)
+        assert len(calls) == 1
+        seen = []
+        handle = ours.avgpool.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        assert_rel(ours(x), expected, dtype)
+        handle.remove()
+        assert len(calls) == 1 and seen == [(2, 512, 1, 1)]
+        ours.avgpool = torch.nn.AdaptiveAvgPool2d((2, 1))  # not a global average: the module runs
+        ours.fc = wide_fc
+        assert ours(x).shape == (2, 10) and len(calls) == 1
+    ours.avgpool, ours.fc = torch.nn.AdaptiveAvgPool2d(1), fc
+    ours.train()
+    ours(x).float().sum().backward()  # training: the module, for its gradient
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -54,33 +54,9 @@ at::Tensor onednn_conv(const at::Tensor& x, const at::Tensor& weight, const at::
 // activations_known_finite in cpu_ops.h).
 thread_local bool known_finite_activations = false;
 
-// Tensors up to this size (biases, small activations) are scanned here, in
-// one thread, without aten's sum and its dispatch and scalar round trip.
-constexpr int64_t kDirectScanLimit = 1 << 14;
-
-template <typename scalar_t>
-bool finite_scan(const at::Tensor& t) {
-  const scalar_t* p = t.const_data_ptr<scalar_t>();
-  float sum = 0.f;  // NaN and Inf survive a sum, as in the aten route
-  for (int64_t i = 0; i < t.numel(); ++i) sum += static_cast<float>(p[i]) * 0.f;
-  return sum == 0.f;
-}
-
-bool finite(const at::Tensor& t) {
-  if (t.device().is_cpu() && t.is_contiguous() && t.numel() <= kDirectScanLimit) {
-    switch (t.scalar_type()) {
-      case at::kFloat: return finite_scan<float>(t);
-      case at::kBFloat16: return finite_scan<at::BFloat16>(t);
-      case at::kHalf: return finite_scan<at::Half>(t);
-      default: break;
-    }
-  }
-  return std::isfinite(t.sum(at::kFloat).item<float>());
-}
-
 // A prepacked weight is finite: prepack_conv_weight packs no other.
 bool finite_parameters(const at::Tensor& weight, const at::Tensor& bias) {
-  return finite(bias) && (weight.is_mkldnn() || finite(weight));
+  return all_finite(bias) && (weight.is_mkldnn() || all_finite(weight));
 }
 
 // A layer with a non-finite weight or bias may put NaN or Inf into the
@@ -101,7 +77,7 @@ bool may_fuse_relu(const at::Tensor& x, const at::Tensor& weight, const at::Tens
     note_parameters(weight, bias);
     return false;
   }
-  if (!weight.is_mkldnn() && !finite(weight)) {  // a prepacked weight is finite (see finite_parameters)
+  if (!weight.is_mkldnn() && !all_finite(weight)) {  // a prepacked weight is finite (see finite_parameters)
     known_finite_activations = false;
     return false;
   }
@@ -120,11 +96,11 @@ bool activations_known_finite() { return known_finite_activations; }
 void set_activations_known_finite(bool known) { known_finite_activations = known; }
 
 bool operands_finite(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& residual) {
-  if (!finite(bias)) {
+  if (!all_finite(bias)) {
     known_finite_activations = false;
     return false;
   }
-  return known_finite_activations || (finite(x) && (!residual.has_value() || finite(*residual)));
+  return known_finite_activations || (all_finite(x) && (!residual.has_value() || all_finite(*residual)));
 }
 
 at::Tensor conv_bias_act(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,

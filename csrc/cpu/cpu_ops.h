@@ -74,6 +74,20 @@ void conv_bias_act_(const at::Tensor& residual, const at::Tensor& x, const at::T
 bool activations_known_finite();
 void set_activations_known_finite(bool known);
 
+// Activation memory kept across CPU inference forwards (activation_memory.cpp):
+// between enter and exit (nested or on several threads) the process's CPU
+// tensors come from an allocator that keeps large freed blocks for the next
+// forward; release frees those it keeps and returns their bytes. exit is
+// false, and does nothing, without a matching enter.
+void enter_activation_memory();
+bool exit_activation_memory();
+size_t release_activation_memory();
+size_t cached_activation_memory();
+
+// Whether t holds no NaN and no Inf (finite.cpp): one parallel pass over a
+// dense CPU tensor's memory.
+bool all_finite(const at::Tensor& t);
+
 // Whether bias, x and residual are all finite (x and residual taken as such
 // while the network vouches for them); a non-finite bias ends the vouching.
 bool operands_finite(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& residual);
@@ -94,6 +108,15 @@ void conv3x3_winograd_bias_act_(const at::Tensor& residual, const at::Tensor& x,
 // output size as torch.nn.functional.max_pool2d's.
 at::Tensor max_pool2d_nhwc(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
+// The same written into out (that shape, x's dtype, channels_last contiguous,
+// not overlapping x): a slice of a batch's result, say.
+void max_pool2d_nhwc_into(const at::Tensor& out, const at::Tensor& x, at::IntArrayRef kernel_size,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool ceil_mode);
+
+// The mean over H and W of NHWC activations for inference (pool.cpp),
+// [N, C] in x's dtype, accumulated in float32: adaptive_avg_pool2d(x, 1)
+// flattened, as a ResNet's head takes it.
+at::Tensor global_avg_pool_nhwc(const at::Tensor& x);
 
 // NaN-propagating ReLU (NaN < 0 is false, so NaN passes through, as torch.relu).
 inline float act(float v, bool relu) { return (relu && v < 0.f) ? 0.f : v; }

@@ -13,6 +13,9 @@ TORCH_LIBRARY_IMPL(resnet_fast, CPU, m) {
   m.impl("conv3x3_winograd_bias_act", &resnet_fast::cpu::conv3x3_winograd_bias_act);
   m.impl("conv3x3_winograd_bias_act_", &resnet_fast::cpu::conv3x3_winograd_bias_act_);
   m.impl("max_pool2d_nhwc", &resnet_fast::cpu::max_pool2d_nhwc);
+  m.impl("max_pool2d_nhwc_into", &resnet_fast::cpu::max_pool2d_nhwc_into);
+  m.impl("global_avg_pool_nhwc", &resnet_fast::cpu::global_avg_pool_nhwc);
+  m.impl("all_finite", &resnet_fast::cpu::all_finite);
 }
 
 // A weight prepacked into oneDNN's blocked layout (a MkldnnCPU tensor) makes

@@ -113,6 +113,11 @@ def _global_hooks() -> bool:
     )
 
 
+def has_module_hooks(m: nn.Module) -> bool:
+    """Whether calling m runs a hook (its own or a global one)."""
+    return _global_hooks() or _has_hooks(m)
+
+
 def _is_absent(part: Optional[nn.Module]) -> bool:
     return part is None or type(part) is nn.Identity
 
