@@ -35,8 +35,8 @@ from .validation import (
 
 __all__ = ["conv_bias_act", "conv_bias_act_", "conv3x3_winograd_bias_act", "conv3x3_winograd_bias_act_",
            "cpu_compute_dtype", "cpu_conv_algorithm", "cpu_winograd_enabled", "cuda_conv_algorithm",
-           "cuda_conv_family", "bias_act", "bn_act_train", "fold_bn", "gemm_layout_weight", "global_avg_pool_nhwc", "max_pool2d_nhwc",
-           "prepack_conv_weight", "winograd_weight"]
+           "cuda_conv_family", "bias_act", "bn_act_train", "fold_bn", "gemm_layout_weight", "global_avg_pool_nhwc",
+           "max_pool2d_nhwc", "prepack_conv_weight", "winograd_weight"]
 
 IntOrPair = Union[int, Sequence[int]]
 
@@ -260,7 +260,6 @@ def max_pool2d_nhwc(
     return torch.ops.resnet_fast.max_pool2d_nhwc(x, kernel_size, stride, padding, dilation, ceil_mode)
 
 
-
 def global_avg_pool_nhwc(x: Tensor) -> Tensor:
     """torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1) for CPU
     inference (native extension; not differentiable): the mean over H and W,
@@ -279,6 +278,7 @@ def global_avg_pool_nhwc(x: Tensor) -> Tensor:
     if x.shape[0] == 0:
         return x.new_empty((0, x.shape[1]))
     return torch.ops.resnet_fast.global_avg_pool_nhwc(x)
+
 
 def _check_pool_out(out, x: Tensor, kernel_size, stride, padding, dilation, ceil_mode) -> None:
     if not isinstance(out, Tensor):

@@ -63,13 +63,12 @@ class ActivationMemory final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     if (depth_++ > 0) return;
     ++epoch_;
-#if !defined(__GLIBC__)
-    return;  // without malloc_usable_size a stale address could not be told apart (top of the file)
-#endif
+#if defined(__GLIBC__)  // elsewhere no malloc_usable_size tells a stale address apart (top of the file)
     previous_ = c10::GetAllocator(c10::DeviceType::CPU);
     // Priority 0, aten's own: an allocator someone installed with a higher
     // priority stays, and this forward simply runs without the cache.
     if (previous_ != this) c10::SetAllocator(c10::DeviceType::CPU, this, 0);
+#endif
   }
 
   bool exit() {
