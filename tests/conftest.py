@@ -1,5 +1,6 @@
 """Shared test helpers: the tolerance table, backends to test, and checks."""
 import os
+import threading
 
 import torch
 
@@ -102,6 +103,25 @@ def record_cpu_convolutions(monkeypatch, names):
 
 def channels_last(t):
     return t.contiguous(memory_format=torch.channels_last)
+
+
+def run_in_threads(work, count: int) -> list:
+    """work(i) for i in range(count), each on its own thread at once; the
+    exceptions they raised (an assertion in a thread fails no test by itself)."""
+    errors = []
+
+    def guarded(i):
+        try:
+            work(i)
+        except Exception as e:  # returned to the test, which asserts there are none
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ allocated under one allocator and freed under the other (as aten's oneDNN
 glue does) stays sound both ways."""
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from resnet_fast import ops
 from resnet_fast.cpu_memory import cached_cpu_memory, empty_cpu_cache, reused_activation_memory
 from resnet_fast.testing import randomize_batchnorm_
 
-from conftest import assert_rel, channels_last, kernel_backends
+from conftest import assert_rel, channels_last, kernel_backends, run_in_threads
 
 pytestmark = pytest.mark.skipif("native" not in kernel_backends(), reason="the native extension is not built")
 
@@ -157,21 +156,13 @@ def test_concurrent_forwards_share_the_memory_soundly():
     inputs = [channels_last(torch.randn(2, 3, 64, 64)) for _ in range(4)]
     with torch.no_grad():
         expected = [tv(x) for x in inputs]
-    errors = []
 
     def run(i):
-        try:
-            with torch.no_grad():
-                for _ in range(5):
-                    assert_rel(model(inputs[i]), expected[i])
-        except Exception as e:  # reported below: an assertion in a thread does not fail the test
-            errors.append(e)
+        with torch.no_grad():
+            for _ in range(5):
+                assert_rel(model(inputs[i]), expected[i])
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(run, 4)
     assert not errors, errors
     # Every forward has ended: aten's allocator is back, and nothing freed now is kept.
     kept = cached_cpu_memory()

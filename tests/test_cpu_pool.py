@@ -175,14 +175,24 @@ def test_opcheck_global_avg_pool_nhwc():
     torch.library.opcheck(torch.ops.resnet_fast.global_avg_pool_nhwc.default, (channels_last(torch.randn(2, 7, 3, 5)),))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_head_averages_by_the_op_unless_something_must_see_the_pooling(dtype, monkeypatch):
+def _resnet18_pair(dtype):
     torch.manual_seed(0)
     tv = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).eval().to(dtype)
-    ours = resnet_fast.from_torchvision(tv).eval()
+    return tv, resnet_fast.from_torchvision(tv).eval()
+
+
+def _count_calls(monkeypatch, op_name):
+    """A list that grows by one on each call of ops.<op_name>."""
     calls = []
-    real = ops.global_avg_pool_nhwc
-    monkeypatch.setattr(ops, "global_avg_pool_nhwc", lambda x: calls.append(1) or real(x))
+    real = getattr(ops, op_name)
+    monkeypatch.setattr(ops, op_name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_head_averages_by_the_op_unless_something_must_see_the_pooling(dtype, monkeypatch):
+    tv, ours = _resnet18_pair(dtype)
+    calls = _count_calls(monkeypatch, "global_avg_pool_nhwc")
     x = channels_last(torch.randn(2, 3, 40, 36, dtype=dtype))
     fc, wide_fc = ours.fc, torch.nn.Linear(1024, 10).to(dtype)
     with torch.inference_mode():
@@ -205,12 +215,8 @@ def test_the_head_averages_by_the_op_unless_something_must_see_the_pooling(dtype
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_stem_pools_without_indices_and_as_torchvision_does(dtype, monkeypatch):
-    torch.manual_seed(0)
-    tv = randomize_batchnorm_(torchvision.models.resnet18(num_classes=10)).eval().to(dtype)
-    ours = resnet_fast.from_torchvision(tv).eval()
-    calls = []
-    real = ops.max_pool2d_nhwc
-    monkeypatch.setattr(ops, "max_pool2d_nhwc", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tv, ours = _resnet18_pair(dtype)
+    calls = _count_calls(monkeypatch, "max_pool2d_nhwc")
     x = channels_last(torch.randn(2, 3, 45, 39, dtype=dtype))
     with torch.inference_mode():
         out = ours(x)

@@ -3,7 +3,6 @@ it must be taken where it applies, compute what the layer-by-layer forward
 computes, and give way to it whenever something its record rests on has
 changed (weights, modes, modules, hooks, backends, settings)."""
 import copy
-import threading
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from resnet_fast import cpu_replay, ops
 from resnet_fast.models import resnet as resnet_module
 from resnet_fast.testing import randomize_batchnorm_
 
-from conftest import assert_rel, channels_last, kernel_backends
+from conftest import assert_rel, channels_last, kernel_backends, run_in_threads
 
 pytestmark = pytest.mark.skipif("native" not in kernel_backends(), reason="the native extension is not built")
 
@@ -361,18 +360,10 @@ def test_threads_replaying_one_model_each_get_their_own_results():
     inputs = [channels_last(torch.randn(batch, 3, 32, 32)) for batch in (1, 2, 3)]
     with torch.no_grad():
         expected = [tv(x) for x in inputs]
-    failures = []
 
     def run(i):
         with torch.inference_mode():
             for _ in range(6):
-                out = ours(inputs[i])
-                if not torch.allclose(out, expected[i], rtol=1e-4, atol=1e-4):
-                    failures.append(i)
+                torch.testing.assert_close(ours(inputs[i]), expected[i], rtol=1e-4, atol=1e-4)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert failures == []
+    assert run_in_threads(run, 3) == []
