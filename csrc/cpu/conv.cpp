@@ -8,7 +8,6 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include <cmath>
 
 #include "../resnet_fast.h"
 #include "cpu_ops.h"
