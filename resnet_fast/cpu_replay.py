@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import plans
 from .cpu_memory import reused_activation_memory
-from .folding import HeldSources
+from .folding import EmptyWhenCopied, HeldSources
 
 _local = threading.local()
 
@@ -185,7 +185,7 @@ class _Program:
         return [values[s] for s in self.outputs]
 
 
-class ReplayCache:
+class ReplayCache(EmptyWhenCopied):
     """The recorded programs of one network, per kind of input, the most
     recent MAX_PROGRAMS of them. Copies and pickles start empty."""
 
@@ -194,12 +194,6 @@ class ReplayCache:
     def __init__(self):
         self._programs: "OrderedDict[tuple, _Program]" = OrderedDict()
         self._lock = threading.Lock()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
 
     def clear(self) -> None:
         with self._lock:

@@ -78,7 +78,18 @@ def _fold_sources(conv: nn.Module, norm: nn.Module) -> Tuple[Optional[Tensor], .
     return tuple(found)
 
 
-class FoldCache:
+class EmptyWhenCopied:
+    """A cache that copies and pickles of its model start without: pickled
+    as nothing, made afresh (its __init__) when unpickled or deep-copied."""
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+class FoldCache(EmptyWhenCopied):
     """Folded (weight, bias) of one conv + eval-BN pair, reused across forwards,
     the weight prepacked for oneDNN per input shape (CPU inference), the
     weight transformed for the Winograd convolution (CPU inference,
@@ -125,13 +136,6 @@ class FoldCache:
     def clear(self) -> None:
         with self._lock:
             self._entry = None
-
-    # Copies and pickles of a model start with an empty cache.
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
 
     def folded(self, conv: nn.Conv2d, norm: nn.Module, prepack_for: Optional[Tensor] = None,
                gemm_layout: bool = False, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:

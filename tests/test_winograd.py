@@ -62,6 +62,22 @@ def test_matches_the_reference(shape, with_residual, relu):
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_many_tiles_split_among_threads(threads):
+    """More tiles than one work item takes (32), in items that the thread
+    count divides, the last one short: every tile computed once."""
+    x, weight, bias, residual = _operands(3, 20, 30, 26, 18)  # 3 x 8 x 7 = 168 tiles
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            out = ops.conv3x3_winograd_bias_act(x, weight, ops.winograd_weight(weight), bias, residual, True)
+    finally:
+        torch.set_num_threads(saved)
+    expected = _reference(x, weight, bias, residual, True)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
 @pytest.mark.parametrize("shape", SHAPES[:4], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("relu", [True, False])
 def test_written_into_the_residual(shape, relu):

@@ -7,10 +7,10 @@
 #include <algorithm>
 #include <vector>
 
-// Loops built as clones for AVX2 and for the baseline ISA, the one to run
-// picked when the library loads, so that the build itself needs no -mavx2.
+// Loops built as clones for AVX-512, AVX2 and the baseline ISA, the one to
+// run picked when the library loads, so that the build itself needs no -mavx2.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define RESNET_FAST_SIMD_CLONES __attribute__((target_clones("avx2", "default")))
+#define RESNET_FAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define RESNET_FAST_SIMD_CLONES
 #endif

@@ -8,7 +8,7 @@ import torch.fx
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .. import cpu_replay, ops
+from .. import cpu_linear, cpu_replay, ops
 from ..backends import BACKENDS, native_loaded
 from ..finite import finite_activations
 from ..folding import fold_cache
@@ -549,7 +549,16 @@ class ResNet(nn.Module):
         if self.features_only:
             raise RuntimeError("a features_only model has no head (avgpool and fc were dropped)")
         x = self._pooled_flat(x)
-        return x if pre_logits else self.fc(x)
+        return x if pre_logits else self._classified(x)
+
+    def _classified(self, x: Tensor) -> Tensor:
+        """self.fc(x); for a plain nn.Linear without hooks on the CPU, on a
+        weight prepacked for the batch size where that applies (cpu_linear)."""
+        fc = self.fc
+        # A plain tensor first: under torch.fx's symbolic trace x is a Proxy.
+        if type(fc) is nn.Linear and type(x) is Tensor and x.device.type == "cpu" and not has_module_hooks(fc):
+            return cpu_linear.linear(fc, x)
+        return fc(x)
 
     def _pooled_flat(self, x: Tensor) -> Tensor:
         """torch.flatten(self.avgpool(x), 1); for a global average over CPU
