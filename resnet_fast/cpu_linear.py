@@ -82,6 +82,10 @@ class PackedLinearWeight(EmptyWhenCopied):
         if entry is not None and entry[0] == key:
             packed = entry[1].get(batch)
             if packed is not None:
+                try:
+                    entry[1].move_to_end(batch)  # most recently used, kept longest
+                except KeyError:  # another thread's batch size just pushed it out: fine, it is in hand
+                    pass
                 return packed
         with self._lock, torch.inference_mode(False), torch.no_grad():
             entry = self._entry
@@ -89,7 +93,7 @@ class PackedLinearWeight(EmptyWhenCopied):
                 entry = self._entry = (key, OrderedDict())
             packed = entry[1].get(batch)
             if packed is None:
-                w = weight.detach()
+                w = weight.detach().contiguous()
                 if w.dtype == torch.bfloat16:
                     packed = torch.ops.mkldnn._reorder_linear_weight(w, batch)
                 else:

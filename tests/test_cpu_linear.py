@@ -53,6 +53,15 @@ def test_same_result_as_the_module(dtype, batch):
     assert (batch in _packed_batches(fc)) == _packs(dtype, batch)
 
 
+def test_weight_not_contiguous():
+    fc = _linear()
+    fc.weight = nn.Parameter(torch.randn(fc.in_features, fc.out_features).t())  # a transposed view
+    x = torch.randn(6, fc.in_features)
+    with torch.no_grad():
+        assert_rel(cpu_linear.linear(fc, x), F.linear(x.double(), fc.weight.double(), fc.bias.double()),
+                   torch.float32)
+
+
 def test_packed_again_when_the_weight_changes():
     fc = _linear()
     x = torch.randn(5, fc.in_features)
@@ -71,7 +80,12 @@ def test_batch_sizes_past_the_kept_ones():
             x = torch.randn(batch, fc.in_features)
             assert_rel(cpu_linear.linear(fc, x), F.linear(x, fc.weight, fc.bias), torch.float32)
     if torch.backends.mkl.is_available():
-        assert len(_packed_batches(fc)) == cpu_linear.PackedLinearWeight.MAX_BATCH_SIZES
+        kept = cpu_linear.PackedLinearWeight.MAX_BATCH_SIZES
+        assert _packed_batches(fc) == list(range(batch - kept + 1, batch + 1))
+        with torch.no_grad():  # a kept batch size used again is kept longest
+            cpu_linear.linear(fc, torch.randn(batch - kept + 1, fc.in_features))
+            cpu_linear.linear(fc, torch.randn(batch + 1, fc.in_features))
+        assert batch - kept + 1 in _packed_batches(fc)
 
 
 def test_gradients_take_the_module():
