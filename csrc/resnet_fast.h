@@ -55,6 +55,9 @@ inline std::vector<int64_t> effective_dilation(const at::Tensor& weight, at::Int
   return result;
 }
 
+// a / b rounded up, for positive a and b.
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Output size of a convolution along one spatial dimension.
 inline int64_t conv_output_size(int64_t in, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
   return (in + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;

@@ -149,8 +149,6 @@ RESNET_FAST_SIMD_CLONES void transform_output(const float* M, int64_t point_stri
   }
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Tiles per work item: its transformed input and products ([36, tiles, C]
 // and [36, tiles, K]) stay in cache between the transforms and the GEMMs.
 constexpr int64_t kMaxBlockTiles = 32;

@@ -16,6 +16,8 @@
 #include <optional>
 #include <tuple>
 
+#include "../resnet_fast.h"  // ceil_div
+
 namespace resnet_fast::gpu {
 
 #include "../op_declarations.inc"
@@ -55,8 +57,6 @@ namespace resnet_fast::gpu {
 constexpr int kBlockThreads = 256;  // threads per block of the [M, C] kernels
 constexpr int kFinalizeX = 32;      // channels per block of the finalize kernels
 constexpr int kFinalizeY = 16;      // partial rows read in parallel per channel
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Elements per 16-byte access, when every pointer is 16-byte aligned and C is
 // a multiple of it (then every row starts aligned too); 1 otherwise.
