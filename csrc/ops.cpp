@@ -9,6 +9,7 @@
 
 #include "cpu/cpu_ops.h"
 #include "resnet_fast.h"
+#include "replay_checks.h"
 
 namespace {
 
@@ -111,6 +112,15 @@ PyMethodDef methods[] = {
      "Free the activation memory kept for the next CPU forward; returns its bytes."},
     {"cached_activation_memory", cached_activation_memory, METH_NOARGS,
      "The bytes of activation memory kept for the next CPU forward."},
+    {"source_marks", resnet_fast::source_marks, METH_VARARGS,
+     "source_marks(tables, names, held, tensors): marks of what each tables[i][names[i]] holds (held[i]) and of "
+     "each tensor's version counter and data address (not inference tensors), now."},
+    {"sources_unchanged", resnet_fast::sources_unchanged, METH_O,
+     "Whether everything source_marks marked is as it was."},
+    {"module_walk", resnet_fast::module_walk, METH_VARARGS,
+     "module_walk(network, known_types, block_types, also_known): the modules below network, depth first, where "
+     "none has a hook of its own and each has a type in known_types, is an instance of block_types or passes "
+     "also_known(module); else None."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

