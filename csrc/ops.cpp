@@ -10,6 +10,7 @@
 #include "cpu/cpu_ops.h"
 #include "resnet_fast.h"
 #include "replay_checks.h"
+#include "replay_program.h"
 
 namespace {
 
@@ -121,6 +122,11 @@ PyMethodDef methods[] = {
      "module_walk(network, known_types, block_types, also_known): the modules below network, depth first, where "
      "none has a hook of its own and each has a type in known_types, is an instance of block_types or passes "
      "also_known(module); else None."},
+    {"replay_program", resnet_fast::replay_program, METH_VARARGS,
+     "replay_program(calls, size, outputs): a recorded CPU forward (cpu_replay._Program's calls) for replay_run, "
+     "each operator's arguments besides its activations converted once."},
+    {"replay_run", resnet_fast::replay_run, METH_VARARGS,
+     "replay_run(program, x): the recorded forward run on x; the list of its outputs."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -59,6 +59,14 @@ class CpuStep:
         calls the checked op."""
         return None if self._operator is None else getattr(self._operator, "_op", self._operator)
 
+    def operator_name(self) -> Optional[Tuple[str, str]]:
+        """The (name, overload name) of compiled_operator's schema, by which
+        the C++ replay loop finds it (csrc/replay_program.cpp); None as
+        compiled_operator."""
+        if self._operator is None:
+            return None
+        return self._operator._schema.name, self._operator._schema.overload_name
+
     def run_trusted(self, x: Tensor, residual: Optional[Tensor]) -> Tensor:
         if self._operator is None:
             return self(x, residual)

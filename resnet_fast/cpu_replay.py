@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import plans
+from .backends import native_loaded
 from .cpu_memory import reused_activation_memory
 from .folding import EmptyWhenCopied, HeldSources
 
@@ -132,7 +133,7 @@ class _Program:
     arguments, input slot, residual slot, result slot, slots to drop after
     it), the slots returned, and what it was recorded on."""
 
-    __slots__ = ("calls", "outputs", "modules", "blocks", "backends", "norms", "sources", "size")
+    __slots__ = ("calls", "outputs", "modules", "blocks", "backends", "norms", "sources", "size", "native")
 
     def __init__(self, recorder: _Recorder, outputs: Sequence[int], modules: List[nn.Module],
                  blocks: List[nn.Module]):
@@ -154,6 +155,7 @@ class _Program:
         self.norms = tuple(norm for *_, norm in recorder.checks
                            if isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)))
         self.sources = HeldSources(recorder.checks)
+        self.native = _native_program(recorder.calls, self.calls, self.outputs, self.size)
 
     def still_valid(self, modules: List[nn.Module]) -> bool:
         if modules != self.modules:  # by identity: nn.Module has no __eq__
@@ -165,6 +167,10 @@ class _Program:
         return self.sources.unchanged()
 
     def run(self, x: Tensor) -> List[Tensor]:
+        if self.native is not None:
+            from . import _C
+
+            return _C.replay_run(self.native, x)
         values: List[Optional[Tensor]] = [None] * self.size
         values[0] = x
         # No input needs a gradient (replayable): one guard for the whole
@@ -183,6 +189,25 @@ class _Program:
                 for s in drop:
                     values[s] = None
         return [values[s] for s in self.outputs]
+
+
+def _native_program(recorded: Sequence[tuple], calls: Sequence[tuple], outputs: Sequence[int], size: int) -> Any:
+    """The program for the C++ loop (csrc/replay_program.cpp), which runs
+    the same calls without converting each operator's weights and flags
+    again on every call; None without the extension, or where it refuses
+    an argument (the Python loop then runs them)."""
+    if not native_loaded():
+        return None
+    from . import _C
+
+    spec = []
+    for (step, *_), (how, run, weights, tail, a, b, out, drop) in zip(recorded, calls):
+        what = step.operator_name() if how in (_OPERATOR, _OPERATOR_INTO_RESIDUAL) else run
+        spec.append((how, what, weights, tail, a, b, out, drop))
+    try:
+        return _C.replay_program(spec, size, outputs)
+    except (TypeError, RuntimeError):  # an argument of a kind it does not convert, an operator it does not find
+        return None
 
 
 class ReplayCache(EmptyWhenCopied):

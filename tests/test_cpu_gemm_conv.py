@@ -82,6 +82,30 @@ def test_only_the_gradients_asked_for():
     assert gx is None and gw.shape == weight.shape
 
 
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1)])
+def test_an_input_changed_in_place_before_the_backward_is_refused(kernel):
+    # The backward reads x again (its patches, for the weight gradient): a
+    # change to x after the forward must fail as aten's would.
+    x, weight = _inputs(2, 4, 5, 6, 6, kernel, "channels_last")
+    x.requires_grad_(), weight.requires_grad_()
+    h = x * 1.5
+    out = cpu_gemm_conv.conv2d(h, weight, 1, kernel[0] // 2, 1)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_a_frozen_weight_gives_the_input_gradient_alone():
+    x, weight = _inputs(2, 4, 5, 6, 6, (3, 3), "channels_last")
+    x.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    grad = torch.randn(2, 5, 6, 6)
+    cpu_gemm_conv.conv2d(x, weight, 1, 1, 1).backward(grad)
+    F.conv2d(x_ref, weight, None, 1, 1).backward(grad)
+    assert weight.grad is None
+    assert_rel(x.grad, x_ref.grad)
+
+
 def test_nan_in_the_input_reaches_the_outputs_that_read_it():
     x, weight = _inputs(1, 4, 4, 8, 8, (3, 3), "channels_last")
     x[0, 1, 2, 5] = float("nan")
