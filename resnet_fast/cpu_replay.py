@@ -167,6 +167,7 @@ class _Program:
         return self.sources.unchanged()
 
     def run(self, x: Tensor) -> List[Tensor]:
+        # The loop below, in the extension where it made the program (_native_program).
         if self.native is not None:
             from . import _C
 
