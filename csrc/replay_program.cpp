@@ -18,8 +18,14 @@
 //   then values[s] = None for s in drop. size: how many values; outputs: the
 //   slots returned. Arguments the operator's schema would refuse raise
 //   TypeError here, where nothing has run yet.
-// _C.replay_run(program, x) -> list: the values at `outputs` of a run on x
-//   (values[0]), with the autograd keys excluded, as the Python loop runs.
+// _C.replay_run(program, x, callables) -> list: the values at `outputs` of a
+//   run on x (values[0]), with the autograd keys excluded, as the Python
+//   loop runs. callables: the `what` of the calls of kind 2 and 3, in order.
+//
+// The program holds no Python object: a recorded module call is often a
+// bound method of the network that holds the program, and a capsule is
+// opaque to Python's garbage collector, so that cycle would never be
+// freed. The caller keeps the callables where the collector sees them.
 #include <Python.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -42,7 +48,7 @@ enum class How : int64_t { kOperator = 0, kOperatorIntoResidual = 1, kStep = 2, 
 struct Call {
   How how;
   std::optional<c10::OperatorHandle> op;
-  PyObject* callable = nullptr;    // a strong reference, for kStep and kModule
+  Py_ssize_t callable = -1;          // for kStep and kModule: its index in replay_run's callables
   std::vector<c10::IValue> weights;  // between the input (and residual) and the tail
   std::vector<c10::IValue> tail;
   int64_t a, b, out;               // b < 0: no residual
@@ -53,10 +59,7 @@ struct Program {
   std::vector<Call> calls;
   int64_t size;
   std::vector<int64_t> outputs;
-
-  ~Program() {  // a capsule's destructor runs under the GIL
-    for (Call& call : calls) Py_XDECREF(call.callable);
-  }
+  Py_ssize_t callables = 0;
 };
 
 constexpr const char* kCapsuleName = "resnet_fast.replay_program";
@@ -146,7 +149,7 @@ void bind_operator(Call& call, PyObject* what, PyObject* weights, PyObject* tail
     call.tail.push_back(as_ivalue(tail_items[i], arguments[first_tail + i]));
 }
 
-Call make_call(PyObject* spec, int64_t size) {
+Call make_call(PyObject* spec, int64_t size, Py_ssize_t& callables) {
   PyObject *how, *what, *weights, *tail, *a, *b, *out, *drop;
   if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 8)
     type_error("each call must be a tuple (how, what, weights, tail, a, b, out, drop)");
@@ -164,8 +167,7 @@ Call make_call(PyObject* spec, int64_t size) {
     bind_operator(call, what, weights, tail);
   } else {
     if (!PyCallable_Check(what)) type_error("a step or module call needs a callable");
-    Py_INCREF(what);
-    call.callable = what;
+    call.callable = callables++;
   }
   return call;
 }
@@ -224,7 +226,8 @@ PyObject* replay_program(PyObject*, PyObject* args) {
   auto program = std::make_unique<Program>();
   program->size = size;
   Items call_items(calls, "resnet_fast: replay_program: calls must be a sequence");
-  for (Py_ssize_t i = 0; i < call_items.size(); ++i) program->calls.push_back(make_call(call_items[i], size));
+  for (Py_ssize_t i = 0; i < call_items.size(); ++i)
+    program->calls.push_back(make_call(call_items[i], size, program->callables));
   Items output_items(outputs, "resnet_fast: replay_program: outputs must be a sequence");
   for (Py_ssize_t i = 0; i < output_items.size(); ++i)
     program->outputs.push_back(as_index(output_items[i], size, "an output", false));
@@ -236,12 +239,16 @@ PyObject* replay_program(PyObject*, PyObject* args) {
 
 PyObject* replay_run(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
-  PyObject *capsule, *x;
-  if (!PyArg_ParseTuple(args, "OO:replay_run", &capsule, &x)) return nullptr;
+  PyObject *capsule, *x, *callables;
+  if (!PyArg_ParseTuple(args, "OOO:replay_run", &capsule, &x, &callables)) return nullptr;
   if (!PyCapsule_IsValid(capsule, kCapsuleName))
     type_error(std::string("replay_run takes what replay_program returned, got ") + Py_TYPE(capsule)->tp_name);
   if (!THPVariable_Check(x)) type_error(std::string("replay_run takes a tensor, got ") + Py_TYPE(x)->tp_name);
   const auto* program = static_cast<const Program*>(PyCapsule_GetPointer(capsule, kCapsuleName));
+  // A tuple the arguments hold: its items stay alive for the whole run.
+  if (!PyTuple_Check(callables) || PyTuple_GET_SIZE(callables) != program->callables)
+    type_error("replay_run takes the program's " + std::to_string(program->callables) +
+               " step and module callables as a tuple");
   std::vector<c10::IValue> values(program->size);
   values[0] = THPVariable_Unpack(x);
   {
@@ -270,10 +277,10 @@ PyObject* replay_run(PyObject*, PyObject* args) {
           values[call.out] = values[call.b];
           break;
         case How::kStep:
-          values[call.out] = call_python(call.callable, {&values[call.a], &residual});
+          values[call.out] = call_python(PyTuple_GET_ITEM(callables, call.callable), {&values[call.a], &residual});
           break;
         case How::kModule:
-          values[call.out] = call_python(call.callable, {&values[call.a]});
+          values[call.out] = call_python(PyTuple_GET_ITEM(callables, call.callable), {&values[call.a]});
           break;
       }
       for (int64_t slot : call.drop) values[slot] = c10::IValue();

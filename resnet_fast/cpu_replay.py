@@ -171,7 +171,8 @@ class _Program:
         if self.native is not None:
             from . import _C
 
-            return _C.replay_run(self.native, x)
+            program, callables = self.native
+            return _C.replay_run(program, x, callables)
         values: List[Optional[Tensor]] = [None] * self.size
         values[0] = x
         # No input needs a gradient (replayable): one guard for the whole
@@ -192,11 +193,13 @@ class _Program:
         return [values[s] for s in self.outputs]
 
 
-def _native_program(recorded: Sequence[tuple], calls: Sequence[tuple], outputs: Sequence[int], size: int) -> Any:
-    """The program for the C++ loop (csrc/replay_program.cpp), which runs
+def _native_program(recorded: Sequence[tuple], calls: Sequence[tuple], outputs: Sequence[int],
+                    size: int) -> Optional[Tuple[Any, tuple]]:
+    """(the program for the C++ loop (csrc/replay_program.cpp), which runs
     the same calls without converting each operator's weights and flags
-    again on every call; None without the extension, or where it refuses
-    an argument (the Python loop then runs them)."""
+    again on every call; the Python callables it calls, kept here where the
+    garbage collector sees them); None without the extension, or where it
+    refuses an argument (the Python loop then runs the calls)."""
     if not native_loaded():
         return None
     from . import _C
@@ -206,9 +209,10 @@ def _native_program(recorded: Sequence[tuple], calls: Sequence[tuple], outputs: 
         what = step.operator_name() if how in (_OPERATOR, _OPERATOR_INTO_RESIDUAL) else run
         spec.append((how, what, weights, tail, a, b, out, drop))
     try:
-        return _C.replay_program(spec, size, outputs)
+        program = _C.replay_program(spec, size, outputs)
     except (TypeError, RuntimeError):  # an argument of a kind it does not convert, an operator it does not find
         return None
+    return program, tuple(run for how, run, *_ in calls if how in (_STEP, _MODULE))
 
 
 class ReplayCache(EmptyWhenCopied):

@@ -100,6 +100,12 @@ def _scale(factor):
     return lambda t: t * factor
 
 
+def _run(calls, size, outputs, x):
+    """Make the program and run it on x, passing its callables as cpu_replay does."""
+    program = _C().replay_program(calls, size, outputs)
+    return _C().replay_run(program, x, tuple(what for how, what, *_ in calls if how in (2, 3)))
+
+
 def test_intermediate_results_are_let_go_after_their_last_use():
     kept = []
 
@@ -113,9 +119,8 @@ def test_intermediate_results_are_let_go_after_their_last_use():
         return t * 2
 
     calls = [(3, first, (), (), 0, None, 1, ()), (3, second, (), (), 1, None, 2, (1,))]
-    program = _C().replay_program(calls, 3, [2])
     x = torch.randn(4)
-    (out,) = _C().replay_run(program, x)
+    (out,) = _run(calls, 3, [2], x)
     gc.collect()
     assert kept[0]() is None
     assert torch.equal(out, (x + 1) * 2)
@@ -132,8 +137,7 @@ def test_an_operator_call_takes_its_weights_and_flags_as_recorded():
         (3, lambda t: residual.clone(), (), (), 0, None, 2, ()),
         (1, ("resnet_fast::conv_bias_act_", ""), (weight, bias), tail, 0, 2, 2, ()),
     ]
-    program = _C().replay_program(calls, 3, [1, 2])
-    plain, into = _C().replay_run(program, x)
+    plain, into = _run(calls, 3, [1, 2], x)
     conv = torch.nn.functional.conv2d(x, weight, bias, padding=1)
     torch.testing.assert_close(plain, torch.relu(conv), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(into, torch.relu(conv + residual), rtol=1e-4, atol=1e-4)
@@ -175,31 +179,32 @@ def test_a_malformed_program_is_refused(size, outputs, message):
 
 
 def test_run_takes_a_program_and_a_tensor():
-    program = _C().replay_program([(3, _scale(2), (), (), 0, None, 1, ())], 2, [1])
+    double = _scale(2)
+    program = _C().replay_program([(3, double, (), (), 0, None, 1, ())], 2, [1])
     with pytest.raises(TypeError, match="takes what replay_program returned"):
-        _C().replay_run(object(), torch.ones(1))
+        _C().replay_run(object(), torch.ones(1), (double,))
     with pytest.raises(TypeError, match="takes a tensor, got list"):
-        _C().replay_run(program, [1.0])
+        _C().replay_run(program, [1.0], (double,))
+    for wrong in ((), (double, double), [double]):
+        with pytest.raises(TypeError, match="takes the program's 1 step and module callables as a tuple"):
+            _C().replay_run(program, torch.ones(1), wrong)
+    assert torch.equal(_C().replay_run(program, torch.ones(1), (double,))[0], torch.full((1,), 2.0))
 
 
 def test_errors_inside_a_run_come_out_as_raised():
     def fails(t):
         raise KeyError("from a module")
 
-    program = _C().replay_program([(3, fails, (), (), 0, None, 1, ())], 2, [1])
     with pytest.raises(KeyError, match="from a module"):
-        _C().replay_run(program, torch.ones(1))
-
-    program = _C().replay_program([(3, lambda t: 3, (), (), 0, None, 1, ())], 2, [1])
+        _run([(3, fails, (), (), 0, None, 1, ())], 2, [1], torch.ones(1))
     with pytest.raises(TypeError, match="returned something other than a tensor"):
-        _C().replay_run(program, torch.ones(1))
+        _run([(3, lambda t: 3, (), (), 0, None, 1, ())], 2, [1], torch.ones(1))
 
     # An operator's own check: this input has 3 channels where the weight wants 4.
     weight, bias = torch.randn(6, 4, 3, 3), torch.randn(6)
-    program = _C().replay_program([(0, ("resnet_fast::conv_bias_act", ""), (weight, bias),
-                                    ((1, 1), (1, 1), (1, 1), 1, False), 0, None, 1, ())], 2, [1])
+    conv = (0, ("resnet_fast::conv_bias_act", ""), (weight, bias), ((1, 1), (1, 1), (1, 1), 1, False), 0, None, 1, ())
     with pytest.raises(RuntimeError, match="channels"):
-        _C().replay_run(program, channels_last(torch.randn(1, 3, 5, 5)))
+        _run([conv], 2, [1], channels_last(torch.randn(1, 3, 5, 5)))
 
 
 def test_a_program_outlives_the_objects_it_was_made_from():
@@ -210,7 +215,7 @@ def test_a_program_outlives_the_objects_it_was_made_from():
     del program
     model.__dict__["_cpu_replays"].clear()
     gc.collect()
-    (out,) = _C().replay_run(native, x)  # it holds its operators' weights and callables itself
+    (out,) = _C().replay_run(*native[:1], x, native[1])  # it holds its operators' weights itself
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
@@ -221,8 +226,7 @@ def test_the_loop_excludes_autograd_as_the_python_loop_does():
         seen.append(torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality))
         return t * 2
 
-    program = _C().replay_program([(3, record, (), (), 0, None, 1, ())], 2, [1])
-    _C().replay_run(program, torch.ones(2))
+    _run([(3, record, (), (), 0, None, 1, ())], 2, [1], torch.ones(2))
     assert seen == [True]
     assert not torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradFunctionality)
 
@@ -230,3 +234,15 @@ def test_the_loop_excludes_autograd_as_the_python_loop_does():
 def test_cpu_replay_keeps_a_native_program_per_recording():
     model, x, program = _recorded("resnet18")
     assert isinstance(program, cpu_replay._Program) and program.native is not None
+
+
+def test_a_model_with_a_native_program_is_freed():
+    # The program's module calls are bound methods of the model: kept in the
+    # extension, they would tie the model to itself where the garbage
+    # collector cannot see.
+    model, x, program = _recorded("resnet18")
+    assert program.native is not None
+    watched = weakref.ref(model)
+    del model, program
+    gc.collect()
+    assert watched() is None
