@@ -126,7 +126,8 @@ PyMethodDef methods[] = {
      "replay_program(calls, size, outputs): a recorded CPU forward (cpu_replay._Program's calls) for replay_run, "
      "each operator's arguments besides its activations converted once."},
     {"replay_run", resnet_fast::replay_run, METH_VARARGS,
-     "replay_run(program, x): the recorded forward run on x; the list of its outputs."},
+     "replay_run(program, x, callables): the recorded forward run on x, its step and module calls taken from "
+     "callables in order; the list of its outputs."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
