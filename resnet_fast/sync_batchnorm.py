@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .ops import update_running_stats
+
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose training statistics span every rank of
@@ -110,9 +112,7 @@ def sync_bn_act_train(bn: nn.BatchNorm2d, x: Tensor, residual: Optional[Tensor],
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-            unbiased = var * (total / (total - 1))
-            bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-            bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+        update_running_stats(bn.running_mean, bn.running_var, mean, var, momentum, float(total))
     return out
 
 

@@ -202,7 +202,7 @@ def test_reference_bn_backward_matches_autograd():
 
 
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
-@pytest.mark.parametrize("momentum", [0.1, 1.0])
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 1.0])
 def test_bn_act_train_updates_running_stats_like_batchnorm(backend, momentum):
     x, weight, bias = _bn_inputs((4, 6, 5, 3), torch.float32)
     bn = torch.nn.BatchNorm2d(6, momentum=momentum)
@@ -217,6 +217,27 @@ def test_bn_act_train_updates_running_stats_like_batchnorm(backend, momentum):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(running_mean, bn.running_mean, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(running_var, bn.running_var, rtol=1e-6, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("momentum", [0.0, 0.3])
+def test_bn_act_train_updates_bfloat16_running_stats_rounding_once(backend, momentum):
+    # A bfloat16 model's buffers: the update is computed in float32 and rounded once.
+    x, weight, bias = _bn_inputs((3, 5, 4, 7), torch.bfloat16)
+    weight, bias = weight.bfloat16(), bias.bfloat16()
+    running_mean = torch.randn(5).bfloat16()
+    running_var = torch.empty(5).uniform_(0.5, 2.0).bfloat16()
+    before = running_mean.double(), running_var.double()
+    ops.bn_act_train(x, weight, bias, running_mean, running_var, None, momentum, 1e-5, True, backend)
+    batch = x.double().permute(1, 0, 2, 3).reshape(5, -1)
+    expected_mean = (1 - momentum) * before[0] + momentum * batch.mean(1)
+    expected_var = (1 - momentum) * before[1] + momentum * batch.var(1, unbiased=True)
+    assert running_mean.dtype == running_var.dtype == torch.bfloat16
+    torch.testing.assert_close(running_mean.double(), expected_mean, rtol=2 ** -8, atol=1e-6)
+    torch.testing.assert_close(running_var.double(), expected_var, rtol=2 ** -8, atol=1e-6)
+    if momentum == 0.0:
+        assert torch.equal(running_mean.double(), before[0]) and torch.equal(running_var.double(), before[1])
 
 
 # --------------------------------------------------------------- autograd
