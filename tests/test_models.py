@@ -246,11 +246,17 @@ def test_torch_compile_fullgraph(mode):
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 48, 48)
     out = compiled(x)
+    with torch.no_grad():
+        expected = tv(x)
+    assert_rel(out.detach(), expected, factor=10)
     if mode == "train":
         out.sum().backward()
         assert ours.conv1.weight.grad is not None
-    with torch.no_grad():
-        assert_rel(out.detach(), tv(x), factor=10)
+        for name in ("bn1", "layer1.0.bn2", "layer4.1.bn2"):  # the running statistics, updated in the graph
+            ours_bn, tv_bn = ours.get_submodule(name), tv.get_submodule(name)
+            assert_rel(ours_bn.running_var, tv_bn.running_var)
+            assert_rel(ours_bn.running_mean, tv_bn.running_mean, factor=10)
+            assert int(ours_bn.num_batches_tracked) == int(tv_bn.num_batches_tracked) == 1
 
 
 def test_intermediate_layer_getter_gives_torchvision_features():
