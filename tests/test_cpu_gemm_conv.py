@@ -40,23 +40,36 @@ def _inputs(n, c, k, h, w, kernel, layout, dtype=torch.float32):
     return x, weight
 
 
+def _weight_in_layout(weight, layout):
+    if layout == "channels_last":
+        return weight.contiguous(memory_format=torch.channels_last)
+    if layout == "sliced":  # neither contiguous nor channels_last
+        return torch.cat([weight, weight], dim=1)[:, ::2]
+    return weight
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:5])) + f"-k{g[5][0]}{g[5][1]}")
-def test_matches_aten_forward_and_backward(geometry, layout):
+def test_matches_aten_forward_and_backward(geometry, layout, weight_layout):
     n, c, k, h, w, kernel, stride, padding, dilation = geometry
     x, weight = _inputs(n, c, k, h, w, kernel, layout)
+    weight = _weight_in_layout(weight, weight_layout)
     x_ref, w_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     x.requires_grad_(), weight.requires_grad_()
     out = cpu_gemm_conv.conv2d(x, weight, stride, padding, dilation)
     ref = F.conv2d(x_ref, w_ref, None, stride, padding, dilation)
     assert_rel(out, ref)
-    # The output keeps the input's layout, as aten's does.
+    # The output in the layout aten gives it (channels_last where the input or the weight is).
     assert out.stride() == ref.stride()
     grad = torch.randn_like(ref)
     out.backward(grad)
     ref.backward(grad)
     assert_rel(x.grad, x_ref.grad)
     assert_rel(weight.grad, w_ref.grad)
+    # The weight's gradient in the weight's own layout, where it has one of the two.
+    if weight_layout != "sliced":
+        assert weight.grad.stride() == weight.stride()
 
 
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4], GEOMETRIES[5]], ids=["stride2", "dilated", "rect"])
