@@ -86,7 +86,7 @@ def _channels_innermost(weight: Tensor) -> bool:
     (C, R, S), that of a contiguous weight. Either way the weight is read,
     and its gradient written, in its own memory order: permuting a
     512-channel 3x3 weight took 2.2 ms, twice per step, and its gradient
-    as long again, where the products take 4-5 ms."""
+    1.4 ms more, where each product takes 4-5 ms (2-core AMD Zen 4)."""
     return weight.is_contiguous(memory_format=torch.channels_last)
 
 
