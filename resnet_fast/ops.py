@@ -539,9 +539,10 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
         if running_mean.dtype == mean.dtype and running_var.dtype == var.dtype:
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
             running_var.mul_(1 - momentum).add_(var, alpha=momentum * unbiased_factor)
-        else:  # bfloat16 buffers, say: computed in the statistics' precision, rounded once
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean.to(mean.dtype))
-            running_var.copy_(momentum * unbiased_factor * var + (1 - momentum) * running_var.to(var.dtype))
+        else:  # bfloat16 or float64 buffers: computed in the wider dtype, rounded once
+            wide = torch.promote_types(running_mean.dtype, mean.dtype)
+            running_mean.copy_(momentum * mean.to(wide) + (1 - momentum) * running_mean.to(wide))
+            running_var.copy_(momentum * unbiased_factor * var.to(wide) + (1 - momentum) * running_var.to(wide))
 
 
 def fold_bn(

@@ -219,7 +219,6 @@ def test_bn_act_train_updates_running_stats_like_batchnorm(backend, momentum):
     torch.testing.assert_close(running_var, bn.running_var, rtol=1e-6, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 @pytest.mark.parametrize("momentum", [0.0, 0.3])
 def test_bn_act_train_updates_bfloat16_running_stats_rounding_once(backend, momentum):
