@@ -8,7 +8,7 @@ import torchvision
 
 import resnet_fast
 
-from conftest import assert_rel, kernel_backends, rel_err
+from conftest import assert_rel, kernel_backends
 from models_util import pair
 from resnet_fast.testing import randomize_batchnorm_
 
