@@ -135,11 +135,12 @@ def _in_layout_of(rows: Tensor, weight: Tensor, channels_innermost: bool) -> Ten
 def forward(x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
     stride, padding, dilation = _two(stride), _two(padding), _two(dilation)
     out_hw = _out_hw(x, weight, stride, padding, dilation)
-    order = _channels_innermost(weight)
-    cols = _patches(x, weight.shape[2:], stride, padding, dilation, out_hw, order)
-    out = _as_image(cols @ _weight_matrix(weight, order).t(), x.shape[0], out_hw)
-    # channels_last where x or the weight is, as aten's CPU convolution gives it.
-    weight_channels_last = order and not weight.is_contiguous()  # (a 1x1 weight is both: it counts as contiguous)
+    channels_innermost = _channels_innermost(weight)
+    cols = _patches(x, weight.shape[2:], stride, padding, dilation, out_hw, channels_innermost)
+    out = _as_image(cols @ _weight_matrix(weight, channels_innermost).t(), x.shape[0], out_hw)
+    # channels_last where x or the weight is, as aten's CPU convolution gives
+    # it (a weight that is both, as a 1x1 one, counts as contiguous).
+    weight_channels_last = channels_innermost and not weight.is_contiguous()
     return out if x.is_contiguous(memory_format=torch.channels_last) or weight_channels_last else out.contiguous()
 
 
@@ -151,22 +152,22 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride: Pair, padding:
     k, _, r, s = weight.shape
     out_hw = tuple(grad_out.shape[2:])
     grad_rows = grad_out.permute(0, 2, 3, 1).reshape(-1, k)  # [N * OH * OW, K]
-    order = _channels_innermost(weight)
+    channels_innermost = _channels_innermost(weight)
     grad_x = grad_weight = None
     if needs[1]:
-        cols = _patches(x, (r, s), stride, padding, dilation, out_hw, order)
-        grad_weight = _in_layout_of(grad_rows.t() @ cols, weight, order)
+        cols = _patches(x, (r, s), stride, padding, dilation, out_hw, channels_innermost)
+        grad_weight = _in_layout_of(grad_rows.t() @ cols, weight, channels_innermost)
     if needs[0]:
         # Computed transposed ([R * S * C, N * OH * OW], read back as a view):
         # MKL ran this product 6-9% faster that way round for 512-channel
         # 3x3 weights on a 2-core AVX-512 CPU (AMD Zen 4), level for 1x1.
-        grad_cols = (_weight_matrix(weight, order).t() @ grad_rows.t()).t()
-        grad_cols = grad_cols.view(n, *out_hw, r, s, c) if order else grad_cols.view(n, *out_hw, c, r, s)
+        grad_cols = (_weight_matrix(weight, channels_innermost).t() @ grad_rows.t()).t()
+        grad_cols = grad_cols.view(n, *out_hw, r, s, c) if channels_innermost else grad_cols.view(n, *out_hw, c, r, s)
         padded = x.new_zeros(n, h + 2 * padding[0], w + 2 * padding[1], c)
         for i in range(r):
             for j in range(s):
                 top, left = i * dilation[0], j * dilation[1]
-                tap = grad_cols[:, :, :, i, j] if order else grad_cols[..., i, j]
+                tap = grad_cols[:, :, :, i, j] if channels_innermost else grad_cols[..., i, j]
                 padded[:, top:top + stride[0] * (out_hw[0] - 1) + 1:stride[0],
                        left:left + stride[1] * (out_hw[1] - 1) + 1:stride[1]] += tap
         grad_x = padded[:, padding[0]:padding[0] + h, padding[1]:padding[1] + w].permute(0, 3, 1, 2)
