@@ -16,6 +16,15 @@ which is small exactly where this route is taken (few pixels).
 conv2d is differentiable (GemmConv2d); its backward computes the input
 gradient as the patches' gradient folded back onto the image (col2im: one
 strided add per kernel tap).
+
+A channels_last weight larger than 1x1 at stride 1 takes the products
+tap by tap instead (_TapSpan): each tap's [K, C] slice is a plain matrix
+of such a weight, and each tap multiplies only the output pixels whose
+input for it lies inside the image. At 4x4 pixels a 3x3 kernel's patches are 30%
+padding, which the patches' product multiplies and this one skips, and no
+patches are copied; forward and backward of a 512-channel 3x3 layer
+measured 1.08x (8 images at 4x4), 1.16x (8 at 7x7) and 1.21x (16 at 4x4)
+the patches' speed on a 2-core AMD Zen 4, alternating in one process.
 """
 import os
 from typing import Optional, Tuple
@@ -132,12 +141,126 @@ def _in_layout_of(rows: Tensor, weight: Tensor, channels_innermost: bool) -> Ten
     return rows.view(weight.shape)
 
 
+class _TapSpan:
+    """The output pixels along one dimension whose input for kernel tap
+    `tap` lies inside the image (the others read padding): outputs
+    [first, end), reading inputs first_input, first_input + stride, ..."""
+
+    __slots__ = ("first", "end", "first_input", "stride")
+
+    def __init__(self, tap: int, out_size: int, in_size: int, stride: int, padding: int, dilation: int):
+        offset = tap * dilation - padding  # output o reads input o * stride + offset
+        self.first = max(0, -(offset // stride))
+        self.end = max(self.first, min(out_size, (in_size - 1 - offset) // stride + 1))
+        self.first_input, self.stride = self.first * stride + offset, stride
+
+    def outputs(self) -> slice:
+        return slice(self.first, self.end)
+
+    def inputs(self) -> slice:
+        return slice(self.first_input, self.first_input + (self.end - self.first - 1) * self.stride + 1, self.stride)
+
+    def __len__(self) -> int:
+        return self.end - self.first
+
+
+def _by_taps(weight: Tensor, stride: Pair) -> bool:
+    """Whether the products run tap by tap (the module's docstring): a
+    channels_last weight (each tap's [K, C] a plain matrix) larger than 1x1,
+    at stride 1. At stride 2 each tap's pixels are a strided copy, and a
+    512-channel 3x3 layer from 256 channels at 8x8 measured 0.94-0.99x the
+    patches' speed that way."""
+    return _channels_innermost(weight) and weight.shape[2] * weight.shape[3] > 1 and stride == (1, 1)
+
+
+def _tap_spans(x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair,
+               out_hw: Pair) -> list:
+    """(row, column, rows' span, columns' span) of every tap that reads some
+    pixel of the image."""
+    spans = []
+    for i in range(weight.shape[2]):
+        rows = _TapSpan(i, out_hw[0], x.shape[2], stride[0], padding[0], dilation[0])
+        for j in range(weight.shape[3]):
+            cols = _TapSpan(j, out_hw[1], x.shape[3], stride[1], padding[1], dilation[1])
+            if len(rows) and len(cols):
+                spans.append((i, j, rows, cols))
+    return spans
+
+
+def _forward_by_taps(x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair,
+                     out_hw: Pair) -> Tensor:
+    """conv2d as one product per tap, [pixels the tap reads, C] x [C, K],
+    each added into its outputs; a tap that every output reads (the centre
+    of a 'same' convolution) writes the result first, with no zero fill."""
+    n, c = x.shape[:2]
+    k = weight.shape[0]
+    image, taps = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)  # NHWC; [K, R, S, C]
+    spans = _tap_spans(x, weight, stride, padding, dilation, out_hw)
+    spans.sort(key=lambda span: (len(span[2]), len(span[3])) != out_hw)  # a tap read by every output first
+    out = None
+    for i, j, rows, cols in spans:
+        product = (image[:, rows.inputs(), cols.inputs()].reshape(-1, c) @ taps[:, i, j].t())
+        product = product.view(n, len(rows), len(cols), k)
+        if out is None and (len(rows), len(cols)) == out_hw:
+            out = product
+        else:
+            if out is None:
+                out = x.new_zeros(n, *out_hw, k)
+            out[:, rows.outputs(), cols.outputs()] += product
+    if out is None:  # no output reads the image: every one is padding's
+        out = x.new_zeros(n, *out_hw, k)
+    return out.permute(0, 3, 1, 2)
+
+
+def _backward_by_taps(grad_out: Tensor, x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair,
+                      needs: Tuple[bool, bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """_forward_by_taps' gradients, tap by tap: each tap's slice of the
+    weight gradient written in place (its [K, C] matrix of a channels_last
+    gradient), and the input gradient as each tap's product added into the
+    pixels it read."""
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    out_hw = tuple(grad_out.shape[2:])
+    image, taps, grads = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1), grad_out.permute(0, 2, 3, 1)
+    spans = _tap_spans(x, weight, stride, padding, dilation, out_hw)
+    # A tap that reads every pixel (stride 1) first: its product starts the input gradient.
+    spans.sort(key=lambda span: (len(span[2]), len(span[3]), span[2].stride, span[3].stride) != (h, w, 1, 1))
+    grad_taps = None
+    if needs[1]:
+        grad_taps = weight.new_empty(k, *weight.shape[2:], c)  # [K, R, S, C]
+        read = {(i, j) for i, j, _, _ in spans}
+        for i in range(weight.shape[2]):
+            for j in range(weight.shape[3]):
+                if (i, j) not in read:  # a tap that only ever reads padding
+                    grad_taps[:, i, j].zero_()
+    grad_image = None
+    for i, j, rows, cols in spans:
+        g = grads[:, rows.outputs(), cols.outputs()].reshape(-1, k)
+        if needs[1]:
+            torch.mm(g.t(), image[:, rows.inputs(), cols.inputs()].reshape(-1, c), out=grad_taps[:, i, j])
+        if needs[0]:
+            part = (g @ taps[:, i, j]).view(n, len(rows), len(cols), c)
+            if grad_image is None and (len(rows), len(cols), rows.stride, cols.stride) == (h, w, 1, 1):
+                grad_image = part
+            else:
+                if grad_image is None:
+                    grad_image = x.new_zeros(n, h, w, c)
+                grad_image[:, rows.inputs(), cols.inputs()] += part
+    if needs[0] and grad_image is None:  # no pixel is read
+        grad_image = x.new_zeros(n, h, w, c)
+    return (None if grad_image is None else grad_image.permute(0, 3, 1, 2),
+            None if grad_taps is None else grad_taps.permute(0, 3, 1, 2))
+
+
 def forward(x: Tensor, weight: Tensor, stride: Pair, padding: Pair, dilation: Pair) -> Tensor:
     stride, padding, dilation = _two(stride), _two(padding), _two(dilation)
     out_hw = _out_hw(x, weight, stride, padding, dilation)
     channels_innermost = _channels_innermost(weight)
-    cols = _patches(x, weight.shape[2:], stride, padding, dilation, out_hw, channels_innermost)
-    out = _as_image(cols @ _weight_matrix(weight, channels_innermost).t(), x.shape[0], out_hw)
+    if _by_taps(weight, stride):
+        out = _forward_by_taps(x, weight, stride, padding, dilation, out_hw)
+    else:
+        cols = _patches(x, weight.shape[2:], stride, padding, dilation, out_hw, channels_innermost)
+        out = _as_image(cols @ _weight_matrix(weight, channels_innermost).t(), x.shape[0], out_hw)
     # channels_last where x or the weight is, as aten's CPU convolution gives
     # it (a weight that is both, as a 1x1 one, counts as contiguous).
     weight_channels_last = channels_innermost and not weight.is_contiguous()
@@ -148,6 +271,8 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride: Pair, padding:
              needs: Tuple[bool, bool]) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """(grad x, grad weight), each only where needs asks; channels_last."""
     stride, padding, dilation = _two(stride), _two(padding), _two(dilation)
+    if _by_taps(weight, stride):
+        return _backward_by_taps(grad_out, x, weight, stride, padding, dilation, needs)
     n, c, h, w = x.shape
     k, _, r, s = weight.shape
     out_hw = tuple(grad_out.shape[2:])

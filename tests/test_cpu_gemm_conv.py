@@ -27,6 +27,11 @@ GEOMETRIES = [
     (2, 4, 3, 5, 6, (3, 1), (2, 1), (1, 0), 1),  # rectangular kernel and stride
     (2, 6, 7, 4, 4, (3, 3), 1, 1, 1),       # the last stage's 4x4
     (1, 3, 2, 2, 2, (3, 3), 1, 1, 1),       # an image smaller than the kernel's reach
+    (1, 4, 3, 1, 1, (3, 3), 1, 1, 1),       # one pixel: only the centre tap reads it
+    (2, 3, 4, 8, 8, (3, 3), 2, 1, 1),       # stride 2, even size: no tap reads for every output
+    (2, 3, 4, 5, 6, (3, 3), 1, 0, 1),       # no padding: every tap reads for every output
+    (1, 2, 3, 2, 2, (3, 3), 1, 3, 3),       # dilated past the image: the outer taps read only padding
+    (1, 2, 3, 3, 3, (3, 3), 1, 3, 1),       # padding 3: some outputs read only padding
 ]
 
 
@@ -48,6 +53,11 @@ def _weight_in_layout(weight, layout):
     return weight
 
 
+def _strides(t):
+    """t's strides where they mean something: a dimension of size 1 has any."""
+    return tuple(stride if size > 1 else None for size, stride in zip(t.shape, t.stride()))
+
+
 @pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "x".join(map(str, g[:5])) + f"-k{g[5][0]}{g[5][1]}")
@@ -61,7 +71,7 @@ def test_matches_aten_forward_and_backward(geometry, layout, weight_layout):
     ref = F.conv2d(x_ref, w_ref, None, stride, padding, dilation)
     assert_rel(out, ref)
     # The output in the layout aten gives it (channels_last where the input or the weight is).
-    assert out.stride() == ref.stride()
+    assert _strides(out) == _strides(ref)
     grad = torch.randn_like(ref)
     out.backward(grad)
     ref.backward(grad)
@@ -69,14 +79,36 @@ def test_matches_aten_forward_and_backward(geometry, layout, weight_layout):
     assert_rel(weight.grad, w_ref.grad)
     # The weight's gradient in the weight's own layout, where it has one of the two.
     if weight_layout != "sliced":
-        assert weight.grad.stride() == weight.stride()
+        assert _strides(weight.grad) == _strides(weight)
 
 
+@pytest.mark.parametrize("geometry", [g for g in GEOMETRIES if g[5] != (1, 1)],
+                         ids=lambda g: "x".join(map(str, g[:5])) + f"-k{g[5][0]}{g[5][1]}")
+def test_products_by_taps_at_any_stride(geometry):
+    # The route takes them at stride 1 only (_by_taps), but they hold at any.
+    n, c, k, h, w, kernel, stride, padding, dilation = geometry
+    x, weight = _inputs(n, c, k, h, w, kernel, "channels_last", dtype=torch.float64)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    pairs = [cpu_gemm_conv._two(v) for v in (stride, padding, dilation)]
+    x_ref, w_ref = x.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = F.conv2d(x_ref, w_ref, None, stride, padding, dilation)
+    out = cpu_gemm_conv._forward_by_taps(x, weight, *pairs, tuple(ref.shape[2:]))
+    assert_rel(out, ref)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+    grad_x, grad_weight = cpu_gemm_conv._backward_by_taps(grad, x, weight, *pairs, (True, True))
+    assert_rel(grad_x, x_ref.grad)
+    assert_rel(grad_weight, w_ref.grad)
+    assert grad_weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])  # by patches, by taps
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[4], GEOMETRIES[5]], ids=["stride2", "dilated", "rect"])
-def test_first_and_second_derivatives_in_float64(geometry):
+def test_first_and_second_derivatives_in_float64(geometry, weight_layout):
     n, c, k, h, w, kernel, stride, padding, dilation = geometry
     x, weight = _inputs(min(n, 2), min(c, 3), min(k, 3), min(h, 6), min(w, 6), kernel, "channels_last",
                         dtype=torch.float64)
+    weight = _weight_in_layout(weight, weight_layout)
     x.requires_grad_(), weight.requires_grad_()
 
     def conv(a, b):
