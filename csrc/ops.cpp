@@ -3,6 +3,8 @@
 // fake (meta) kernels and autograd formulas are registered from Python
 // (resnet_fast/ops.py).
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -50,6 +52,37 @@ PyObject* release_activation_memory(PyObject*, PyObject*) {
 // _C.cached_activation_memory() -> int: the bytes of the blocks kept now.
 PyObject* cached_activation_memory(PyObject*, PyObject*) {
   return PyLong_FromSize_t(resnet_fast::cpu::cached_activation_memory());
+}
+
+// _C.empty_from_activation_memory(like, sizes) -> Tensor: an uninitialised
+// contiguous CPU tensor of like's dtype and the given sizes whose memory comes
+// from that cache and returns to it when freed, in a forward or not.
+PyObject* empty_from_activation_memory(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject* like = nullptr;
+  PyObject* sizes_object = nullptr;
+  if (!PyArg_ParseTuple(args, "OO", &like, &sizes_object)) return nullptr;
+  if (!THPVariable_Check(like)) {
+    PyErr_SetString(PyExc_TypeError, "resnet_fast: empty_from_activation_memory takes a tensor and a tuple of sizes");
+    return nullptr;
+  }
+  const at::Tensor& tensor = THPVariable_Unpack(like);
+  PyObject* sequence = PySequence_Fast(sizes_object, "resnet_fast: empty_from_activation_memory sizes must be a sequence");
+  if (sequence == nullptr) return nullptr;
+  std::vector<int64_t> sizes;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(sequence); ++i) {
+    sizes.push_back(PyLong_AsLongLong(PySequence_Fast_GET_ITEM(sequence, i)));
+    if (sizes.back() == -1 && PyErr_Occurred()) {
+      Py_DECREF(sequence);
+      return nullptr;
+    }
+  }
+  Py_DECREF(sequence);
+  TORCH_CHECK(tensor.device().is_cpu(), "resnet_fast: empty_from_activation_memory makes CPU tensors, got a tensor on ",
+              tensor.device());
+  return THPVariable_Wrap(resnet_fast::cpu::empty_from_activation_memory(sizes, tensor.options(),
+                                                                         at::MemoryFormat::Contiguous));
+  END_HANDLE_TH_ERRORS
 }
 
 using resnet_fast::CudaConvFamily;
@@ -113,6 +146,9 @@ PyMethodDef methods[] = {
      "Free the activation memory kept for the next CPU forward; returns its bytes."},
     {"cached_activation_memory", cached_activation_memory, METH_NOARGS,
      "The bytes of activation memory kept for the next CPU forward."},
+    {"empty_from_activation_memory", empty_from_activation_memory, METH_VARARGS,
+     "empty_from_activation_memory(like, sizes): an uninitialised contiguous CPU tensor of like's dtype whose "
+     "memory comes from the kept activation memory and returns to it when freed."},
     {"source_marks", resnet_fast::source_marks, METH_VARARGS,
      "source_marks(tables, names, held, tensors): marks of what each tables[i][names[i]] holds (held[i]) and of "
      "each tensor's version counter and data address (not inference tensors), now."},

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .cpu_memory import empty_for_step
 from .validation import conv_output_shape
 
 Pair = Tuple[int, int]
@@ -227,7 +228,7 @@ def _backward_by_taps(grad_out: Tensor, x: Tensor, weight: Tensor, stride: Pair,
     spans.sort(key=lambda span: (len(span[2]), len(span[3]), span[2].stride, span[3].stride) != (h, w, 1, 1))
     grad_taps = None
     if needs[1]:
-        grad_taps = weight.new_empty(k, *weight.shape[2:], c)  # [K, R, S, C]
+        grad_taps = empty_for_step(weight, (k, *weight.shape[2:], c))  # [K, R, S, C]
         read = {(i, j) for i, j, _, _ in spans}
         for i in range(weight.shape[2]):
             for j in range(weight.shape[3]):
@@ -281,7 +282,8 @@ def backward(grad_out: Tensor, x: Tensor, weight: Tensor, stride: Pair, padding:
     grad_x = grad_weight = None
     if needs[1]:
         cols = _patches(x, (r, s), stride, padding, dilation, out_hw, channels_innermost)
-        grad_weight = _in_layout_of(grad_rows.t() @ cols, weight, channels_innermost)
+        product = torch.mm(grad_rows.t(), cols, out=empty_for_step(weight, (k, cols.shape[1])))
+        grad_weight = _in_layout_of(product, weight, channels_innermost)
     if needs[0]:
         # Computed transposed ([R * S * C, N * OH * OW], read back as a view):
         # MKL ran this product 6-9% faster that way round for 512-channel

@@ -8,9 +8,18 @@ the process's CPU tensors come from an allocator that keeps large freed
 blocks for the next forward (csrc/cpu/activation_memory.cpp): a block that
 no allocation took during a whole forward is freed when it ends, and
 empty_cpu_cache() frees the rest, as torch.cuda.empty_cache() does for CUDA.
+
+A training step's own large results that it makes afresh at every step
+(the BatchNorm backward's gradients, the matrix-product convolution's
+weight gradient) come from the same cache outside any forward
+(empty_for_step): autograd frees them a few layers later, and as new pages
+they faulted at every step (4 of the 4.3 ms of a 256-channel 28x28
+BatchNorm backward at batch 8 on a 2-core AMD Zen 4).
 """
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence
+
+from torch import Tensor
 
 from .backends import native_loaded
 
@@ -49,3 +58,15 @@ def cached_cpu_memory() -> int:
     from . import _C
 
     return _C.cached_activation_memory()
+
+
+def empty_for_step(like: Tensor, sizes: Sequence[int]) -> Tensor:
+    """An uninitialised contiguous tensor of like's dtype and device; on the
+    CPU, from the kept activation memory, whether a forward runs or not: for
+    a result a training step allocates afresh at every step, whose large
+    fresh block would fault on every page each time."""
+    if like.device.type != "cpu" or not native_loaded():
+        return like.new_empty(sizes)
+    from . import _C
+
+    return _C.empty_from_activation_memory(like, tuple(sizes))

@@ -12,7 +12,7 @@ import torchvision
 
 import resnet_fast
 from resnet_fast import ops
-from resnet_fast.cpu_memory import cached_cpu_memory, empty_cpu_cache, reused_activation_memory
+from resnet_fast.cpu_memory import cached_cpu_memory, empty_cpu_cache, empty_for_step, reused_activation_memory
 from resnet_fast.testing import randomize_batchnorm_
 
 from conftest import assert_rel, channels_last, kernel_backends, run_in_threads
@@ -85,6 +85,54 @@ def test_a_tensor_outliving_its_forward_is_kept_when_freed_later():
     assert torch.equal(out, expected)  # its memory is its own until freed
     del out
     assert cached_cpu_memory() == BIG * 4
+
+
+def test_memory_for_a_training_step_is_kept_outside_a_forward():
+    # What a training step allocates afresh at every step (cpu_memory.empty_for_step)
+    # comes back from the cache, no forward running.
+    like = torch.randn(3, dtype=torch.float64)
+    first = empty_for_step(like, (BIG // 2, 2))
+    assert first.shape == (BIG // 2, 2) and first.dtype == torch.float64 and first.is_contiguous()
+    address = first.data_ptr()
+    del first
+    assert cached_cpu_memory() == BIG * 8
+    again = empty_for_step(like, [BIG // 2, 2])
+    assert again.data_ptr() == address and cached_cpu_memory() == 0
+    again.copy_(torch.arange(BIG, dtype=torch.float64).view(BIG // 2, 2))  # its memory, whole and writable
+    assert again[-1, -1].item() == BIG - 1
+    small = empty_for_step(like, (4,))  # below the cached size: aten's own
+    del again, small
+    assert cached_cpu_memory() == BIG * 8
+    with reused_activation_memory():  # a forward that does not take it frees it at its end
+        pass
+    assert cached_cpu_memory() == 0
+
+
+def test_memory_for_a_training_step_refuses_other_devices_and_arguments():
+    from resnet_fast import _C
+
+    with pytest.raises(TypeError, match="a tensor and a tuple of sizes"):
+        _C.empty_from_activation_memory([1], (2,))
+    with pytest.raises(TypeError):
+        _C.empty_from_activation_memory(torch.empty(1), ("two",))
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        _C.empty_from_activation_memory(torch.empty(1, device="meta"), (2,))
+    assert empty_for_step(torch.empty(1, device="meta"), (2, 3)).device.type == "meta"
+
+
+def test_batchnorm_backward_reuses_its_gradients_memory_across_steps():
+    shape = (2, 64, 32, 32)  # 512 KiB per gradient, above the cached size
+    x, grad, out = (torch.randn(shape).contiguous(memory_format=torch.channels_last) for _ in range(3))
+    out = out.relu()
+    weight, mean, invstd = torch.rand(64) + 0.5, torch.randn(64) * 0.1, torch.rand(64) + 0.5
+    first = torch.ops.resnet_fast.bn_act_backward(grad, x, out, weight, mean, invstd, True)
+    addresses = {first[0].data_ptr(), first[3].data_ptr()}
+    expected = [t.clone() for t in first]
+    del first
+    again = torch.ops.resnet_fast.bn_act_backward(grad, x, out, weight, mean, invstd, True)
+    assert {again[0].data_ptr(), again[3].data_ptr()} == addresses
+    for got, want in zip(again, expected):
+        assert torch.equal(got, want)
 
 
 def test_scopes_nest_and_an_unmatched_exit_raises():

@@ -138,8 +138,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   const int64_t C = x.size(1), M = rows_of(x);
   const std::vector<float> gamma = as_floats(weight), mean = as_floats(save_mean),
                            invstd = as_floats(save_invstd);
-  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  at::Tensor grad_z = relu ? at::empty_like(g, at::MemoryFormat::ChannelsLast) : at::empty({0}, g.options());
+  // Both from the cached activation memory: a fresh large block faults on every page, at every step.
+  at::Tensor grad_x = empty_from_activation_memory(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
+  at::Tensor grad_z = relu ? empty_from_activation_memory(g.sizes(), g.options(), at::MemoryFormat::ChannelsLast)
+                           : at::empty({0}, g.options());
   std::vector<double> sums;  // [0, C): sum dz; [C, 2C): sum dz * (x - mean)
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_cpu", [&] {

@@ -83,6 +83,11 @@ void enter_activation_memory();
 bool exit_activation_memory();
 size_t release_activation_memory();
 size_t cached_activation_memory();
+// An uninitialised CPU tensor whose memory, when large, comes from the same
+// cache and returns to it once freed, whether or not a forward is running:
+// for the outputs a training step allocates afresh at every step.
+at::Tensor empty_from_activation_memory(at::IntArrayRef sizes, const at::TensorOptions& options,
+                                        at::MemoryFormat memory_format);
 
 // Whether t holds no NaN and no Inf (finite.cpp): one parallel pass over a
 // dense CPU tensor's memory.
