@@ -20,11 +20,12 @@ strided add per kernel tap).
 A channels_last weight larger than 1x1 at stride 1 takes the products
 tap by tap instead (_TapSpan): each tap's [K, C] slice is a plain matrix
 of such a weight, and each tap multiplies only the output pixels whose
-input for it lies inside the image. At 4x4 pixels a 3x3 kernel's patches are 30%
-padding, which the patches' product multiplies and this one skips, and no
-patches are copied; forward and backward of a 512-channel 3x3 layer
-measured 1.08x (8 images at 4x4), 1.16x (8 at 7x7) and 1.21x (16 at 4x4)
-the patches' speed on a 2-core AMD Zen 4, alternating in one process.
+input for it lies inside the image. At 4x4 pixels a 3x3 kernel's patches
+are 30% padding, which the patches' product multiplies and this one
+skips, and no patches are copied; forward and backward of a 512-channel
+3x3 layer measured 1.08x (8 images at 4x4), 1.16x (8 at 7x7) and 1.21x
+(16 at 4x4) the patches' speed on a 2-core AMD Zen 4, alternating in one
+process.
 """
 import os
 from typing import Optional, Tuple
